@@ -1,0 +1,230 @@
+// Convolution kernels. Layout NCHW throughout: N samples, C channels, H x W planes.
+// A convolution with G groups splits input and output channels into G contiguous halves
+// (thirds, ...); output group g sees only input group g (AlexNet's towers are groups).
+//
+// The general path lowers the whole batch of one group to a matrix (im2col), so that a single
+// GEMM computes it: col[K, N*Ho*Wo] with K = C/G * kh * kw, rows ordered (c, ki, kj) and columns
+// (n, oh, ow). A 1x1 stride-1 unpadded convolution skips im2col: its input plane already is the
+// column matrix of one sample.
+
+/// The shape of one convolution, resolved once when the model is built.
+public struct ConvGeometry: Sendable {
+    public var inC: Int, inH: Int, inW: Int
+    public var outC: Int, outH: Int, outW: Int
+    public var window: Window
+    public var groups: Int
+    public init(input: Shape, outChannels: Int, window: Window, groups: Int) {
+        inC = input.channels; inH = input.height; inW = input.width
+        (outH, outW) = window.outputSize(height: input.height, width: input.width)
+        outC = outChannels; self.window = window; self.groups = groups
+    }
+    public var inPlane: Int { inH * inW }
+    public var outPlane: Int { outH * outW }
+    public var inGroup: Int { inC / groups }
+    public var outGroup: Int { outC / groups }
+    /// Rows of the column matrix of one group.
+    public var k: Int { inGroup * window.kernelH * window.kernelW }
+    public var isPointwise: Bool {
+        window.kernelH == 1 && window.kernelW == 1 && window.strideH == 1 && window.strideW == 1 && window.padH == 0 && window.padW == 0
+    }
+}
+
+/// The range of output positions o (0..<outSize) whose input position o*stride - pad + offset lies in 0..<inSize.
+@inline(__always)
+func validRange(outSize: Int, inSize: Int, stride: Int, pad: Int, offset: Int) -> Range<Int> {
+    // o*stride >= pad - offset  and  o*stride <= inSize - 1 + pad - offset
+    let lowNum = pad - offset
+    let lo = lowNum <= 0 ? 0 : (lowNum + stride - 1) / stride
+    let highNum = inSize - 1 + pad - offset
+    let hi = highNum < 0 ? -1 : min(outSize - 1, highNum / stride)
+    return lo <= hi ? lo..<(hi + 1) : lo..<lo
+}
+
+/// im2col for group `g` over samples 0..<n: col[K, n*Ho*Wo] (row-major), zero where the window
+/// covers padding.
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+public func im2col<T: Scalar>(_ col: UnsafeMutablePointer<T>, _ x: UnsafePointer<T>, group g: Int, n: Int, _ s: ConvGeometry) {
+    let w = s.window
+    let cols = n * s.outPlane
+    for c in 0..<s.inGroup {
+        let channel = g * s.inGroup + c
+        for ki in 0..<w.kernelH {
+            let rowsH = validRange(outSize: s.outH, inSize: s.inH, stride: w.strideH, pad: w.padH, offset: ki)
+            for kj in 0..<w.kernelW {
+                let row = (c * w.kernelH + ki) * w.kernelW + kj
+                let colsW = validRange(outSize: s.outW, inSize: s.inW, stride: w.strideW, pad: w.padW, offset: kj)
+                for b in 0..<n {
+                    let src = x + (b * s.inC + channel) * s.inPlane
+                    let dst = col + row * cols + b * s.outPlane
+                    for oh in 0..<s.outH {
+                        let d = dst + oh * s.outW
+                        if !rowsH.contains(oh) {
+                            d.update(repeating: 0, count: s.outW)
+                            continue
+                        }
+                        let ih = oh * w.strideH - w.padH + ki
+                        let srow = src + ih * s.inW - w.padW + kj
+                        if colsW.lowerBound > 0 { d.update(repeating: 0, count: colsW.lowerBound) }
+                        if w.strideW == 1 {
+                            (d + colsW.lowerBound).update(from: srow + colsW.lowerBound, count: colsW.count)
+                        } else {
+                            for ow in colsW { d[ow] = srow[ow * w.strideW] }
+                        }
+                        if colsW.upperBound < s.outW { (d + colsW.upperBound).update(repeating: 0, count: s.outW - colsW.upperBound) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// col2im for group `g`: writes (not adds) the input gradient of the group's channels from
+/// dcol[K, n*Ho*Wo], summing the windows that overlap.
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+public func col2im<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dcol: UnsafePointer<T>, group g: Int, n: Int, _ s: ConvGeometry) {
+    let w = s.window
+    let cols = n * s.outPlane
+    for b in 0..<n {
+        (dx + (b * s.inC + g * s.inGroup) * s.inPlane).update(repeating: 0, count: s.inGroup * s.inPlane)
+    }
+    for c in 0..<s.inGroup {
+        let channel = g * s.inGroup + c
+        for ki in 0..<w.kernelH {
+            let rowsH = validRange(outSize: s.outH, inSize: s.inH, stride: w.strideH, pad: w.padH, offset: ki)
+            for kj in 0..<w.kernelW {
+                let row = (c * w.kernelH + ki) * w.kernelW + kj
+                let colsW = validRange(outSize: s.outW, inSize: s.inW, stride: w.strideW, pad: w.padW, offset: kj)
+                for b in 0..<n {
+                    let dst = dx + (b * s.inC + channel) * s.inPlane
+                    let src = dcol + row * cols + b * s.outPlane
+                    for oh in rowsH {
+                        let ih = oh * w.strideH - w.padH + ki
+                        let drow = dst + ih * s.inW - w.padW + kj
+                        let srow = src + oh * s.outW
+                        if w.strideW == 1 {
+                            for ow in colsW { drow[ow] += srow[ow] }
+                        } else {
+                            for ow in colsW { drow[ow * w.strideW] += srow[ow] }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Convolution forward over n samples.
+/// - Parameters:
+///   - y: output [n, outC, outH, outW].
+///   - cols: for the im2col path, G column matrices of K x n*Ho*Wo each, kept for backward.
+///   - tmp: outGroup x n*Ho*Wo scratch (the GEMM result before it is reordered to NCHW).
+///   - weight: [outC, inC/G, kh, kw]; bias: [outC] or nil.
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+public func convForward<T: Scalar>(
+    _ y: UnsafeMutablePointer<T>, cols: UnsafeMutablePointer<T>, tmp: UnsafeMutablePointer<T>,
+    _ x: UnsafePointer<T>, weight: UnsafePointer<T>, bias: UnsafePointer<T>?, n: Int, _ s: ConvGeometry
+) {
+    let plane = s.outPlane
+    let cg = s.outGroup
+    if s.isPointwise {
+        for b in 0..<n {
+            for g in 0..<s.groups {
+                T.gemm(transA: false, transB: false, m: cg, n: plane, k: s.inGroup,
+                       alpha: 1, a: weight + g * cg * s.inGroup, lda: s.inGroup,
+                       b: x + (b * s.inC + g * s.inGroup) * plane, ldb: plane,
+                       beta: 0, c: y + (b * s.outC + g * cg) * plane, ldc: plane)
+            }
+            if let bias {
+                for c in 0..<s.outC {
+                    let row = y + (b * s.outC + c) * plane
+                    let v = bias[c]
+                    for i in 0..<plane { row[i] += v }
+                }
+            }
+        }
+        return
+    }
+    let cols1 = n * plane
+    for g in 0..<s.groups {
+        let col = cols + g * s.k * cols1
+        im2col(col, x, group: g, n: n, s)
+        T.gemm(transA: false, transB: false, m: cg, n: cols1, k: s.k,
+               alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: col, ldb: cols1,
+               beta: 0, c: tmp, ldc: cols1)
+        // [cg, n, plane] -> [n, outC, plane], adding the bias on the way.
+        for c in 0..<cg {
+            let oc = g * cg + c
+            let v = bias?[oc] ?? 0
+            for b in 0..<n {
+                let src = tmp + c * cols1 + b * plane
+                let dst = y + (b * s.outC + oc) * plane
+                for i in 0..<plane { dst[i] = src[i] + v }
+            }
+        }
+    }
+}
+
+/// Convolution backward over n samples: adds into dWeight and dBias, writes dx (if non-nil).
+/// - Parameters:
+///   - tmp: outGroup x n*Ho*Wo scratch; dcol: K x n*Ho*Wo scratch.
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+public func convBackward<T: Scalar>(
+    _ dx: UnsafeMutablePointer<T>?, dWeight: UnsafeMutablePointer<T>, dBias: UnsafeMutablePointer<T>?,
+    tmp: UnsafeMutablePointer<T>, dcol: UnsafeMutablePointer<T>,
+    _ dy: UnsafePointer<T>, x: UnsafePointer<T>, cols: UnsafePointer<T>, weight: UnsafePointer<T>, n: Int, _ s: ConvGeometry
+) {
+    let plane = s.outPlane
+    let cg = s.outGroup
+    if let dBias {
+        for b in 0..<n {
+            for c in 0..<s.outC {
+                let row = dy + (b * s.outC + c) * plane
+                var acc: T = 0
+                for i in 0..<plane { acc += row[i] }
+                dBias[c] += acc
+            }
+        }
+    }
+    if s.isPointwise {
+        for b in 0..<n {
+            for g in 0..<s.groups {
+                let dyg = dy + (b * s.outC + g * cg) * plane
+                let xg = x + (b * s.inC + g * s.inGroup) * plane
+                // dW[cg, Cg] += dy[cg, plane] x x[Cg, plane]^T
+                T.gemm(transA: false, transB: true, m: cg, n: s.inGroup, k: plane,
+                       alpha: 1, a: dyg, lda: plane, b: xg, ldb: plane,
+                       beta: 1, c: dWeight + g * cg * s.inGroup, ldc: s.inGroup)
+                if let dx {
+                    T.gemm(transA: true, transB: false, m: s.inGroup, n: plane, k: cg,
+                           alpha: 1, a: weight + g * cg * s.inGroup, lda: s.inGroup, b: dyg, ldb: plane,
+                           beta: 0, c: dx + (b * s.inC + g * s.inGroup) * plane, ldc: plane)
+                }
+            }
+        }
+        return
+    }
+    let cols1 = n * plane
+    for g in 0..<s.groups {
+        // [n, outC, plane] -> [cg, n, plane]
+        for c in 0..<cg {
+            let oc = g * cg + c
+            for b in 0..<n {
+                (tmp + c * cols1 + b * plane).update(from: dy + (b * s.outC + oc) * plane, count: plane)
+            }
+        }
+        let col = cols + g * s.k * cols1
+        T.gemm(transA: false, transB: true, m: cg, n: s.k, k: cols1,
+               alpha: 1, a: tmp, lda: cols1, b: col, ldb: cols1,
+               beta: 1, c: dWeight + g * cg * s.k, ldc: s.k)
+        if let dx {
+            T.gemm(transA: true, transB: false, m: s.k, n: cols1, k: cg,
+                   alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: tmp, ldb: cols1,
+                   beta: 0, c: dcol, ldc: cols1)
+            col2im(dx, dcol, group: g, n: n, s)
+        }
+    }
+}

@@ -1,0 +1,78 @@
+// Local response normalisation across channels (Krizhevsky, Sutskever and Hinton 2012, section 3.3),
+// in PyTorch's convention where alpha is divided by the window size:
+//   scale_c = k + alpha/size * sum_{c' = c - size/2 ... c + (size-1)/2, clipped} x_c'^2
+//   y_c     = x_c * scale_c^(-beta)
+// Backward (as in Caffe's LRN layer):
+//   dx_c = dy_c * scale_c^(-beta) - 2*alpha*beta/size * x_c * sum_{c' whose window holds c} dy_c' * y_c' / scale_c'
+
+public struct LRNParameters: Sendable {
+    public var size: Int, alpha: Double, beta: Double, k: Double
+    public init(size: Int, alpha: Double, beta: Double, k: Double) {
+        self.size = size; self.alpha = alpha; self.beta = beta; self.k = k
+    }
+    var before: Int { size / 2 }
+    var after: Int { (size - 1) / 2 }
+}
+
+@inline(__always)
+func powMinusBeta<T: Scalar>(_ s: T, _ beta: T, threeQuarters: Bool) -> T {
+    // beta = 0.75 (AlexNet) is by far the common case: s^-0.75 = 1 / (sqrt(s) * sqrt(sqrt(s))).
+    if threeQuarters { let r = s.squareRoot(); return 1 / (r * r.squareRoot()) }
+    return T.pow(s, -beta)
+}
+
+/// Forward over n samples of C x plane. Keeps `scale` (same shape as x) for backward.
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+public func lrnForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, scale: UnsafeMutablePointer<T>, _ x: UnsafePointer<T>,
+                                  n: Int, channels: Int, plane: Int, _ p: LRNParameters) {
+    let a = T(p.alpha / Double(p.size)), k = T(p.k), beta = T(p.beta)
+    let quarter = p.beta == 0.75
+    for b in 0..<n {
+        let xs = x + b * channels * plane, ss = scale + b * channels * plane, ys = y + b * channels * plane
+        for c in 0..<channels {
+            let lo = max(0, c - p.before), hi = min(channels - 1, c + p.after)
+            let s = ss + c * plane
+            s.update(repeating: 0, count: plane)
+            for cc in lo...hi {
+                let xr = xs + cc * plane
+                for i in 0..<plane { s[i] += xr[i] * xr[i] }
+            }
+            let xr = xs + c * plane, yr = ys + c * plane
+            for i in 0..<plane {
+                let v = k + a * s[i]
+                s[i] = v
+                yr[i] = xr[i] * powMinusBeta(v, beta, threeQuarters: quarter)
+            }
+        }
+    }
+}
+
+/// Backward: writes dx. `ratio` is a C x plane scratch.
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+public func lrnBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>, ratio: UnsafeMutablePointer<T>, _ dy: UnsafePointer<T>,
+                                   x: UnsafePointer<T>, y: UnsafePointer<T>, scale: UnsafePointer<T>,
+                                   n: Int, channels: Int, plane: Int, _ p: LRNParameters) {
+    let factor = T(2 * p.alpha * p.beta / Double(p.size)), beta = T(p.beta)
+    let quarter = p.beta == 0.75
+    let m = channels * plane
+    for b in 0..<n {
+        let off = b * m
+        for i in 0..<m { ratio[i] = dy[off + i] * y[off + i] / scale[off + i] }
+        for c in 0..<channels {
+            // c lies in the window of c' when c' - before <= c <= c' + after.
+            let lo = max(0, c - p.after), hi = min(channels - 1, c + p.before)
+            let d = dx + off + c * plane
+            let xr = x + off + c * plane, sr = scale + off + c * plane, gr = dy + off + c * plane
+            for i in 0..<plane { d[i] = 0 }
+            for cc in lo...hi {
+                let r = ratio + cc * plane
+                for i in 0..<plane { d[i] += r[i] }
+            }
+            for i in 0..<plane {
+                d[i] = gr[i] * powMinusBeta(sr[i], beta, threeQuarters: quarter) - factor * xr[i] * d[i]
+            }
+        }
+    }
+}

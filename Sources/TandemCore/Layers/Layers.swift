@@ -1,0 +1,268 @@
+// The layer types: each binds a kernel pair of Kernels/ to its tensors.
+
+// MARK: - Convolution
+
+final class ConvolutionLayer<T: Scalar>: Layer<T> {
+    let g: ConvGeometry
+    let hasBias: Bool
+    /// Column matrices of every group (kept from forward for the weight gradient), GEMM scratch.
+    var cols: UnsafeMutablePointer<T>!
+    var tmp: UnsafeMutablePointer<T>!
+    var dcol: UnsafeMutablePointer<T>!
+
+    init(node: Node, capacity: Int, geometry: ConvGeometry, bias: Bool) {
+        g = geometry
+        hasBias = bias
+        super.init(node: node, capacity: capacity)
+        let perGroup = g.isPointwise ? 0 : g.k * capacity * g.outPlane
+        cols = own(allocateZeroed(T.self, count: perGroup * g.groups))
+        tmp = own(allocateZeroed(T.self, count: g.isPointwise ? 0 : g.outGroup * capacity * g.outPlane))
+        dcol = own(allocateZeroed(T.self, count: perGroup))
+    }
+
+    override func forward(_ c: PassContext) {
+        convForward(y0(c), cols: cols, tmp: tmp, x0(c), weight: w, bias: hasBias ? w + g.outC * g.k : nil, n: c.count, g)
+    }
+
+    override func backward(_ c: PassContext) {
+        convBackward(dx0(c), dWeight: dw, dBias: hasBias ? dw + g.outC * g.k : nil, tmp: tmp, dcol: dcol,
+                     dy0(c), x: x0(c), cols: cols, weight: w, n: c.count, g)
+    }
+}
+
+// MARK: - Pooling
+
+final class MaxPoolLayer<T: Scalar>: Layer<T> {
+    let g: PoolGeometry
+    var argmax: UnsafeMutablePointer<Int32>!
+
+    init(node: Node, capacity: Int, geometry: PoolGeometry) {
+        g = geometry
+        super.init(node: node, capacity: capacity)
+        argmax = own(allocateZeroed(Int32.self, count: capacity * node.outputShape.count))
+    }
+    override func forward(_ c: PassContext) { maxPoolForward(y0(c), argmax: argmax, x0(c), n: c.count, g) }
+    override func backward(_ c: PassContext) {
+        guard let d = dx0(c) else { return }
+        maxPoolBackward(d, dy0(c), argmax: argmax, n: c.count, g)
+    }
+}
+
+final class AvgPoolLayer<T: Scalar>: Layer<T> {
+    let g: PoolGeometry
+    init(node: Node, capacity: Int, geometry: PoolGeometry) {
+        g = geometry
+        super.init(node: node, capacity: capacity)
+    }
+    override func forward(_ c: PassContext) { avgPoolForward(y0(c), x0(c), n: c.count, g) }
+    override func backward(_ c: PassContext) {
+        guard let d = dx0(c) else { return }
+        avgPoolBackward(d, dy0(c), n: c.count, g)
+    }
+}
+
+final class GlobalAvgPoolLayer<T: Scalar>: Layer<T> {
+    override func forward(_ c: PassContext) {
+        globalAvgPoolForward(y0(c), x0(c), planes: c.count * inShape.channels, plane: inShape.plane)
+    }
+    override func backward(_ c: PassContext) {
+        guard let d = dx0(c) else { return }
+        globalAvgPoolBackward(d, dy0(c), planes: c.count * inShape.channels, plane: inShape.plane)
+    }
+}
+
+// MARK: - Pointwise
+
+final class ActivationLayer<T: Scalar>: Layer<T> {
+    let function: Activation
+    init(node: Node, capacity: Int, function: Activation) {
+        self.function = function
+        super.init(node: node, capacity: capacity)
+    }
+    override func forward(_ c: PassContext) { activationForward(y0(c), x0(c), count: c.count * inShape.count, function) }
+    override func backward(_ c: PassContext) {
+        guard let d = dx0(c) else { return }
+        activationBackward(d, dy0(c), x: x0(c), y: y0(c), count: c.count * inShape.count, function)
+    }
+}
+
+final class LRNLayer<T: Scalar>: Layer<T> {
+    let p: LRNParameters
+    var scale: UnsafeMutablePointer<T>!
+    var ratio: UnsafeMutablePointer<T>!
+    init(node: Node, capacity: Int, parameters: LRNParameters) {
+        p = parameters
+        super.init(node: node, capacity: capacity)
+        scale = own(allocateZeroed(T.self, count: capacity * inShape.count))
+        ratio = own(allocateZeroed(T.self, count: inShape.count))
+    }
+    override func forward(_ c: PassContext) {
+        lrnForward(y0(c), scale: scale, x0(c), n: c.count, channels: inShape.channels, plane: inShape.plane, p)
+    }
+    override func backward(_ c: PassContext) {
+        guard let d = dx0(c) else { return }
+        lrnBackward(d, ratio: ratio, dy0(c), x: x0(c), y: y0(c), scale: scale, n: c.count, channels: inShape.channels, plane: inShape.plane, p)
+    }
+}
+
+final class DropoutLayer<T: Scalar>: Layer<T> {
+    let rate: Double
+    let salt: UInt64
+    var mask: UnsafeMutablePointer<T>!
+    var active = false
+    init(node: Node, capacity: Int, rate: Double) {
+        self.rate = rate
+        salt = stableHash(node.name)
+        super.init(node: node, capacity: capacity)
+        mask = own(allocateZeroed(T.self, count: capacity * node.inputShapes[0].count))
+    }
+    override func forward(_ c: PassContext) {
+        let count = c.count * inShape.count
+        active = c.training && rate > 0
+        guard active else { y0(c).update(from: x0(c), count: count); return }
+        dropoutMask(mask, rate: rate, seed: c.seed, salt: salt, step: c.step, firstSample: c.globalOffset + c.start, n: c.count, features: inShape.count)
+        multiply(y0(c), x0(c), mask, count: count)
+    }
+    override func backward(_ c: PassContext) {
+        guard let d = dx0(c) else { return }
+        let count = c.count * inShape.count
+        if active { multiply(d, dy0(c), mask, count: count) } else { d.update(from: dy0(c), count: count) }
+    }
+}
+
+// MARK: - Batch normalisation
+
+final class BatchNormLayer<T: Scalar>: Layer<T> {
+    let eps: Double
+    let momentum: Double
+    let reducer: StatisticsReducer?
+    var xhat: UnsafeMutablePointer<T>!
+    /// Per channel: mean, inverse standard deviation, and a 2C scratch for sums.
+    var mean: UnsafeMutablePointer<Double>!
+    var invStd: UnsafeMutablePointer<Double>!
+    var sums: UnsafeMutablePointer<Double>!
+    /// Values behind the batch statistics of the last training forward (all parts and ranks).
+    var statisticsCount = 0
+
+    init(node: Node, capacity: Int, eps: Double, momentum: Double, reducer: StatisticsReducer?) {
+        self.eps = eps
+        self.momentum = momentum
+        self.reducer = reducer
+        super.init(node: node, capacity: capacity)
+        let ch = node.inputShapes[0].channels
+        xhat = own(allocateZeroed(T.self, count: capacity * inShape.count))
+        mean = own(allocateZeroed(Double.self, count: ch))
+        invStd = own(allocateZeroed(Double.self, count: ch))
+        sums = own(allocateZeroed(Double.self, count: 2 * ch + 1))
+    }
+
+    override var reducesAcrossParts: Bool { true }
+
+    override func forward(_ c: PassContext) {
+        let ch = inShape.channels, plane = inShape.plane
+        let gamma = w!, beta = w + ch
+        if !c.training {
+            for k in 0..<ch {
+                mean[k] = Double(stats[k])
+                invStd[k] = 1 / (Double(stats[ch + k]) + eps).squareRoot()
+            }
+            batchNormApply(y0(c), xhat: nil, x0(c), mean: mean, invStd: invStd, gamma: gamma, beta: beta, n: c.count, channels: ch, plane: plane)
+            return
+        }
+        // Mean: local sums and the local count, summed over every part sharing the statistics.
+        channelSums(sums, x0(c), n: c.count, channels: ch, plane: plane)
+        sums[ch] = Double(c.count * plane)
+        reducer?.sum(sums, count: ch + 1, part: c.part)
+        let m = sums[ch]
+        statisticsCount = Int(m)
+        for k in 0..<ch { mean[k] = m > 0 ? sums[k] / m : 0 }
+        // Variance as a second pass around the mean (stabler than E[x^2] - E[x]^2 in Float).
+        channelSquaredDeviations(sums, x0(c), mean: mean, n: c.count, channels: ch, plane: plane)
+        reducer?.sum(sums, count: ch, part: c.part)
+        for k in 0..<ch {
+            let variance = m > 0 ? sums[k] / m : 0
+            invStd[k] = 1 / (variance + eps).squareRoot()
+            if c.updateStatistics && c.part == 0 {
+                // Running averages (PyTorch's momentum convention), variance unbiased: var * M/(M-1).
+                let unbiased = m > 1 ? variance * m / (m - 1) : variance
+                stats[k] = T((1 - momentum) * Double(stats[k]) + momentum * mean[k])
+                stats[ch + k] = T((1 - momentum) * Double(stats[ch + k]) + momentum * unbiased)
+            }
+        }
+        batchNormApply(y0(c), xhat: xhat, x0(c), mean: mean, invStd: invStd, gamma: gamma, beta: beta, n: c.count, channels: ch, plane: plane)
+    }
+
+    override func backward(_ c: PassContext) {
+        let ch = inShape.channels, plane = inShape.plane
+        batchNormGradientSums(sums, dy0(c), xhat: xhat, n: c.count, channels: ch, plane: plane)
+        // Parameter gradients from this part's samples only: summing parts (and ranks) gives the total.
+        for k in 0..<ch {
+            dw[ch + k] += T(sums[k])
+            dw[k] += T(sums[ch + k])
+        }
+        reducer?.sum(sums, count: 2 * ch, part: c.part)
+        guard let d = dx0(c) else { return }
+        batchNormInputGradient(d, dy0(c), xhat: xhat, gamma: w, invStd: invStd, sums: sums, count: statisticsCount, n: c.count, channels: ch, plane: plane)
+    }
+}
+
+// MARK: - Fully connected
+
+final class LinearLayer<T: Scalar>: Layer<T> {
+    let outFeatures: Int
+    let hasBias: Bool
+    init(node: Node, capacity: Int, outFeatures: Int, bias: Bool) {
+        self.outFeatures = outFeatures
+        hasBias = bias
+        super.init(node: node, capacity: capacity)
+    }
+    override func forward(_ c: PassContext) {
+        linearForward(y0(c), x0(c), weight: w, bias: hasBias ? w + outFeatures * inShape.count : nil, n: c.count, inFeatures: inShape.count, outFeatures: outFeatures)
+    }
+    override func backward(_ c: PassContext) {
+        linearBackward(dx0(c), dWeight: dw, dBias: hasBias ? dw + outFeatures * inShape.count : nil, dy0(c), x: x0(c), weight: w,
+                       n: c.count, inFeatures: inShape.count, outFeatures: outFeatures)
+    }
+}
+
+// MARK: - Shape plumbing
+
+final class FlattenLayer<T: Scalar>: Layer<T> {
+    override func forward(_ c: PassContext) { y0(c).update(from: x0(c), count: c.count * inShape.count) }
+    override func backward(_ c: PassContext) { dx0(c)?.update(from: dy0(c), count: c.count * inShape.count) }
+}
+
+final class ConcatLayer<T: Scalar>: Layer<T> {
+    override func forward(_ c: PassContext) {
+        let out = outShape.count
+        var offset = 0
+        for (i, s) in node.inputShapes.enumerated() {
+            let src = x[i] + c.start * s.count
+            for b in 0..<c.count { (y0(c) + b * out + offset).update(from: src + b * s.count, count: s.count) }
+            offset += s.count
+        }
+    }
+    override func backward(_ c: PassContext) {
+        let out = outShape.count
+        var offset = 0
+        for (i, s) in node.inputShapes.enumerated() {
+            if let d = dx[i] {
+                let dst = d + c.start * s.count
+                for b in 0..<c.count { (dst + b * s.count).update(from: dy0(c) + b * out + offset, count: s.count) }
+            }
+            offset += s.count
+        }
+    }
+}
+
+final class AddLayer<T: Scalar>: Layer<T> {
+    override func forward(_ c: PassContext) {
+        let n = c.count * outShape.count
+        y0(c).update(from: x[0] + c.start * outShape.count, count: n)
+        for i in 1..<x.count { accumulate(y0(c), x[i] + c.start * outShape.count, count: n) }
+    }
+    override func backward(_ c: PassContext) {
+        let n = c.count * outShape.count
+        for d in dx { d.map { ($0 + c.start * outShape.count).update(from: dy0(c), count: n) } }
+    }
+}

@@ -1,0 +1,249 @@
+// A model replica in memory: one contiguous buffer of parameters, one of their gradients, one of
+// running statistics, activations for a maximum batch, and the parts that run it on threads.
+// Layers hold views into these buffers; the optimiser and the communicator work on flat slices.
+
+/// Told, during backward, which gradients are final, so that their allreduce can start while
+/// backward goes on with earlier layers.
+public protocol GradientObserver: AnyObject {
+    /// Every gradient at offset >= `offset` of the flat gradient buffer is final for this step.
+    func gradientsReady(from offset: Int)
+}
+
+/// The loss at the end of the network.
+public enum LossKind: String, Sendable, CaseIterable {
+    /// Softmax cross-entropy on the logits (the mean over the batch is the loss).
+    case softmaxCrossEntropy = "softmax_cross_entropy"
+    /// 1/2 * sum (t - y)^2 against one-hot targets, averaged over the batch.
+    case squaredError = "squared_error"
+}
+
+public final class Network<T: Scalar>: @unchecked Sendable {
+    public let graph: Graph
+    /// Largest local batch this network was built for.
+    public let capacity: Int
+    public let parts: Int
+    public let loss: LossKind
+    public let parameters: UnsafeMutableBufferPointer<T>
+    public let gradients: UnsafeMutableBufferPointer<T>
+    public let statistics: UnsafeMutableBufferPointer<T>
+    /// Per node, the full-batch activation and its gradient; `activations[0]` is the input.
+    public let activations: [UnsafeMutablePointer<T>]
+    public let activationGradients: [UnsafeMutablePointer<T>?]
+    /// Integer labels of the local batch.
+    public let labels: UnsafeMutablePointer<Int32>
+    /// The run's seed (keys dropout masks) and the global index of local sample 0.
+    public var seed: UInt64 = 0
+    public var globalOffset = 0
+    /// Summed over parts by BN; `crossRank` can be set for sync_bn.
+    public let reducer: PartReducer
+    public weak var observer: GradientObserver?
+
+    private var layers: [[Layer<T>]]          // [part][node - 1]
+    private var partGradients: [UnsafeMutablePointer<T>]
+    /// Extra gradient buffers where a node feeds several layers: edge (consumer, slot) -> buffer.
+    private var edgeBuffers: [[UnsafeMutablePointer<T>]]   // per node: one buffer per consumer edge
+    private let pool: WorkerPool
+    private var owned: [UnsafeMutableRawPointer] = []
+
+    // The current command, read by every part.
+    private enum Command { case forward, train, backward }
+    private var command = Command.forward
+    private var current = PassContext(start: 0, count: 0, batch: 0, training: false)
+    private var lossScale: T = 1
+    private let partLoss: UnsafeMutablePointer<Double>
+    private let partCorrect: UnsafeMutablePointer<Int>
+
+    /// - Parameters:
+    ///   - capacity: the largest local batch; workspaces are sized for it once.
+    ///   - parts: threads that split each batch (1 when ranks fill the cores).
+    ///   - inputGradient: also compute the gradient of the input (the gradient checker needs it).
+    public init(graph: Graph, capacity: Int, parts: Int = 1, loss: LossKind = .softmaxCrossEntropy, inputGradient: Bool = false) {
+        precondition(capacity > 0 && parts > 0)
+        self.graph = graph
+        self.capacity = capacity
+        self.parts = parts
+        self.loss = loss
+        func alloc<U>(_ t: U.Type, _ n: Int, into owned: inout [UnsafeMutableRawPointer]) -> UnsafeMutablePointer<U> {
+            let p = allocateZeroed(U.self, count: n)
+            owned.append(UnsafeMutableRawPointer(p))
+            return p
+        }
+        var owned: [UnsafeMutableRawPointer] = []
+        parameters = UnsafeMutableBufferPointer(start: alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
+        gradients = UnsafeMutableBufferPointer(start: alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
+        statistics = UnsafeMutableBufferPointer(start: alloc(T.self, graph.statisticsCount, into: &owned), count: graph.statisticsCount)
+        labels = alloc(Int32.self, capacity, into: &owned)
+        var acts: [UnsafeMutablePointer<T>] = []
+        var grads: [UnsafeMutablePointer<T>?] = []
+        for node in graph.nodes {
+            acts.append(alloc(T.self, capacity * node.outputShape.count, into: &owned))
+            grads.append(node.index == 0 && !inputGradient ? nil : alloc(T.self, capacity * node.outputShape.count, into: &owned))
+        }
+        activations = acts
+        activationGradients = grads
+        var edges: [[UnsafeMutablePointer<T>]] = Array(repeating: [], count: graph.nodes.count)
+        for node in graph.nodes where graph.consumers[node.index].count > 1 && grads[node.index] != nil {
+            edges[node.index] = graph.consumers[node.index].map { _ in alloc(T.self, capacity * node.outputShape.count, into: &owned) }
+        }
+        edgeBuffers = edges
+        partGradients = [gradients.baseAddress!]
+        for _ in 1..<parts { partGradients.append(alloc(T.self, graph.parameterCount, into: &owned)) }
+        let maxChannels = graph.nodes.map { $0.outputShape.channels }.max() ?? 1
+        reducer = PartReducer(parts: parts, capacity: 2 * maxChannels + 1)
+        pool = WorkerPool(parts: parts)
+        partLoss = alloc(Double.self, parts, into: &owned)
+        partCorrect = alloc(Int.self, parts, into: &owned)
+        layers = []
+        self.owned = owned
+
+        // Bind every part's layers to the shared buffers.
+        let partCapacity = (capacity + parts - 1) / parts
+        for p in 0..<parts {
+            var row: [Layer<T>] = []
+            for node in graph.nodes.dropFirst() {
+                let layer: Layer<T> = makeLayer(node, capacity: partCapacity, reducer: reducer)
+                layer.x = node.inputs.map { acts[$0] }
+                layer.dx = node.inputs.map { input in
+                    guard let g = grads[input] else { return nil }
+                    if let slot = graph.consumers[input].firstIndex(of: node.index), graph.consumers[input].count > 1 {
+                        return edges[input][slot]
+                    }
+                    return g
+                }
+                layer.y = acts[node.index]
+                layer.dy = grads[node.index]!
+                let pr = node.parameterRange
+                if !pr.isEmpty {
+                    let offset = graph.parameters[pr.lowerBound].offset
+                    layer.w = parameters.baseAddress! + offset
+                    layer.dw = partGradients[p] + offset
+                }
+                let sr = node.statisticsRange
+                if !sr.isEmpty { layer.stats = statistics.baseAddress! + graph.statistics[sr.lowerBound].offset }
+                row.append(layer)
+            }
+            layers.append(row)
+        }
+        pool.setBody { [unowned self] part in self.runPart(part) }
+    }
+
+    deinit {
+        pool.shutdown()
+        for p in owned { p.deallocate() }
+    }
+
+    public var input: UnsafeMutablePointer<T> { activations[0] }
+    public var output: UnsafeMutablePointer<T> { activations[activations.count - 1] }
+    /// The gradient of the loss with respect to the output (filled by the loss, or by the caller before `backward`).
+    public var outputGradient: UnsafeMutablePointer<T> { activationGradients[activationGradients.count - 1]! }
+    public var inputGradient: UnsafeMutablePointer<T>? { activationGradients[0] }
+
+    // MARK: - Passes
+
+    /// Runs forward on the first `count` samples of `input`.
+    public func forward(count: Int, training: Bool, step: Int = 0, updateStatistics: Bool = true) {
+        start(.forward, count: count, training: training, step: step, updateStatistics: updateStatistics)
+    }
+
+    /// Runs backward from `outputGradient` (after `forward` with the same count), adding into the
+    /// (zeroed by `zeroGradients`) gradient buffer.
+    public func backward(count: Int, step: Int = 0) {
+        start(.backward, count: count, training: true, step: step, updateStatistics: false)
+        finishGradients()
+    }
+
+    /// One training pass: zero gradients, forward, loss against `labels`, backward. The loss
+    /// gradient is scaled by `lossScale` (1 / the global batch, so that gradients summed over parts and
+    /// ranks are the gradient of the mean loss). Returns the summed loss and correct predictions.
+    public func trainStep(count: Int, lossScale: Double, step: Int) -> (loss: Double, correct: Int) {
+        zeroGradients()
+        self.lossScale = T(lossScale)
+        start(.train, count: count, training: true, step: step, updateStatistics: true)
+        finishGradients()
+        var total = 0.0, correct = 0
+        for p in 0..<parts { total += partLoss[p]; correct += partCorrect[p] }
+        return (total, correct)
+    }
+
+    /// Evaluation on `count` samples: forward in evaluation mode and the loss.
+    public func evaluate(count: Int) -> (loss: Double, correct: Int) {
+        forward(count: count, training: false, updateStatistics: false)
+        return computeLoss(count: count, scale: 0, gradient: false)
+    }
+
+    /// The loss of the current output against `labels` (and its gradient into `outputGradient`).
+    public func computeLoss(count: Int, scale: Double, gradient: Bool = true) -> (loss: Double, correct: Int) {
+        lossFunction(output, gradient ? outputGradient : nil, labels, count, T(scale))
+    }
+
+    private func lossFunction(_ out: UnsafeMutablePointer<T>, _ d: UnsafeMutablePointer<T>?, _ l: UnsafeMutablePointer<Int32>, _ n: Int, _ scale: T) -> (loss: Double, correct: Int) {
+        let classes = graph.outputShape.count
+        switch loss {
+        case .softmaxCrossEntropy: return softmaxCrossEntropy(d, out, labels: l, n: n, classes: classes, scale: scale)
+        case .squaredError: return squaredError(d, out, labels: l, n: n, classes: classes, scale: scale)
+        }
+    }
+
+    public func zeroGradients() {
+        for g in partGradients { g.update(repeating: 0, count: graph.parameterCount) }
+    }
+
+    private func start(_ cmd: Command, count: Int, training: Bool, step: Int, updateStatistics: Bool) {
+        precondition(count >= 0 && count <= capacity, "batch \(count) exceeds the capacity \(capacity) this network was built for")
+        command = cmd
+        current = PassContext(start: 0, count: count, batch: count, training: training, step: step, seed: seed,
+                              globalOffset: globalOffset, updateStatistics: updateStatistics)
+        if parts == 1 { runPart(0) } else { pool.run() }
+    }
+
+    /// Sums the parts' gradients into the main buffer (in part order) and tells the observer.
+    private func finishGradients() {
+        if parts > 1 {
+            let main = gradients.baseAddress!
+            for p in 1..<parts { accumulate(main, partGradients[p], count: graph.parameterCount) }
+        }
+        observer?.gradientsReady(from: 0)
+    }
+
+    private func runPart(_ p: Int) {
+        var c = current
+        let n = c.count
+        c.start = n * p / parts
+        c.count = n * (p + 1) / parts - c.start
+        c.part = p
+        let row = layers[p]
+        if command == .forward || command == .train {
+            for layer in row where c.count > 0 || layer.reducesAcrossParts { layer.forward(c) }
+        }
+        if command == .train {
+            let off = c.start * graph.outputShape.count
+            let r = lossFunction(output + off, outputGradient + off, labels + c.start, c.count, lossScale)
+            partLoss[p] = r.loss
+            partCorrect[p] = r.correct
+        }
+        if command == .backward || command == .train {
+            let reportEarly = parts == 1 && observer != nil
+            for i in stride(from: row.count - 1, through: 0, by: -1) {
+                let layer = row[i]
+                let node = i + 1
+                if c.count > 0 { sumEdges(node, c) }
+                if c.count > 0 || layer.reducesAcrossParts { layer.backward(c) }
+                if reportEarly, !layer.node.parameterRange.isEmpty {
+                    observer!.gradientsReady(from: graph.parameters[layer.node.parameterRange.lowerBound].offset)
+                }
+            }
+            if c.count > 0 { sumEdges(0, c) }
+        }
+    }
+
+    /// A node read by several layers gets the sum of their input gradients.
+    @inline(__always)
+    private func sumEdges(_ node: Int, _ c: PassContext) {
+        let edges = edgeBuffers[node]
+        guard !edges.isEmpty, let g = activationGradients[node] else { return }
+        let size = graph.nodes[node].outputShape.count
+        let off = c.start * size, n = c.count * size
+        (g + off).update(from: edges[0] + off, count: n)
+        for e in edges.dropFirst() { accumulate(g + off, e + off, count: n) }
+    }
+}

@@ -1,0 +1,60 @@
+// Mini-batch stochastic gradient descent with momentum (PyTorch's formulation) on the flat
+// parameter buffer:
+//   g = grad + l2 * w + l1 * sign(w)        (regularisation on weights only, not biases or BN)
+//   v = momentum * v + g
+//   w -= lr * (nesterov ? g + momentum * v : v)
+
+public struct SGDSettings: Sendable, Equatable {
+    public var momentum: Double
+    public var nesterov: Bool
+    /// L2 regularisation (weight decay) and L1 regularisation strengths.
+    public var weightDecay: Double
+    public var l1: Double
+    public init(momentum: Double = 0.9, nesterov: Bool = false, weightDecay: Double = 0, l1: Double = 0) {
+        self.momentum = momentum; self.nesterov = nesterov; self.weightDecay = weightDecay; self.l1 = l1
+    }
+}
+
+public final class SGD<T: Scalar> {
+    public let settings: SGDSettings
+    /// Momentum buffer, one value per parameter (part of the optimiser state in checkpoints).
+    public let velocity: UnsafeMutableBufferPointer<T>
+    /// Ranges of the flat buffer that are regularised (conv and linear weights).
+    let regularised: [Range<Int>]
+    let unregularised: [Range<Int>]
+
+    public init(graph: Graph, settings: SGDSettings) {
+        self.settings = settings
+        velocity = UnsafeMutableBufferPointer(start: allocateZeroed(T.self, count: graph.parameterCount), count: graph.parameterCount)
+        regularised = graph.parameters.filter { $0.role == .weight }.map { $0.offset..<($0.offset + $0.count) }
+        unregularised = graph.parameters.filter { $0.role != .weight }.map { $0.offset..<($0.offset + $0.count) }
+    }
+    deinit { velocity.baseAddress!.deallocate() }
+
+    /// One update of `parameters` from `gradients` with learning rate `lr`.
+    public func step(parameters: UnsafeMutableBufferPointer<T>, gradients: UnsafeMutableBufferPointer<T>, lr: Double) {
+        let w = parameters.baseAddress!, g = gradients.baseAddress!, v = velocity.baseAddress!
+        for r in regularised { update(w, g, v, r, lr: T(lr), l2: T(settings.weightDecay), l1: T(settings.l1)) }
+        for r in unregularised { update(w, g, v, r, lr: T(lr), l2: 0, l1: 0) }
+    }
+
+    @inline(__always)
+    private func update(_ w: UnsafeMutablePointer<T>, _ g: UnsafeMutablePointer<T>, _ v: UnsafeMutablePointer<T>, _ r: Range<Int>, lr: T, l2: T, l1: T) {
+        sgdUpdate(w + r.lowerBound, g + r.lowerBound, v + r.lowerBound, count: r.count, lr: lr,
+                  momentum: T(settings.momentum), nesterov: settings.nesterov, l2: l2, l1: l1)
+    }
+}
+
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+public func sgdUpdate<T: Scalar>(_ w: UnsafeMutablePointer<T>, _ g: UnsafePointer<T>, _ v: UnsafeMutablePointer<T>, count: Int,
+                                 lr: T, momentum: T, nesterov: Bool, l2: T, l1: T) {
+    for i in 0..<count {
+        var grad = g[i]
+        if l2 != 0 { grad += l2 * w[i] }
+        if l1 != 0 { grad += l1 * (w[i] > 0 ? 1 : (w[i] < 0 ? -1 : 0)) }
+        let vel = momentum * v[i] + grad
+        v[i] = vel
+        w[i] -= lr * (nesterov ? grad + momentum * vel : vel)
+    }
+}

@@ -1,0 +1,61 @@
+// The element type of Tandem's tensors. Training runs in Float32; the gradient checker runs the very
+// same kernels in Float64, where finite differences are trustworthy next to ReLU and max-pool kinks.
+import CBLAS
+import RealModule
+
+/// A floating-point type the compute core can run on: Float for training, Double for checking.
+public protocol Scalar: Real & BinaryFloatingPoint & Sendable {
+    /// C[m x n] = alpha * op(A)[m x k] * op(B)[k x n] + beta * C, row-major (CBLAS sgemm/dgemm).
+    static func gemm(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        alpha: Self, a: UnsafePointer<Self>, lda: Int,
+        b: UnsafePointer<Self>, ldb: Int,
+        beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
+}
+
+@inline(__always)
+private func cblasTrans(_ t: Bool) -> CBLAS_TRANSPOSE { t ? CblasTrans : CblasNoTrans }
+
+extension Float: Scalar {
+    @inline(__always)
+    public static func gemm(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        alpha: Float, a: UnsafePointer<Float>, lda: Int,
+        b: UnsafePointer<Float>, ldb: Int,
+        beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        cblas_sgemm(CblasRowMajor, cblasTrans(transA), cblasTrans(transB),
+                    blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb),
+                    beta, c, blasint(ldc))
+    }
+}
+
+extension Double: Scalar {
+    @inline(__always)
+    public static func gemm(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        alpha: Double, a: UnsafePointer<Double>, lda: Int,
+        b: UnsafePointer<Double>, ldb: Int,
+        beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int
+    ) {
+        cblas_dgemm(CblasRowMajor, cblasTrans(transA), cblasTrans(transB),
+                    blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb),
+                    beta, c, blasint(ldc))
+    }
+}
+
+/// BLAS threading. Tandem parallelises by splitting the batch across cores, each part with
+/// single-threaded BLAS (a 2-thread OpenBLAS LeNet-5 step is slower than a 1-thread one).
+public enum BLAS {
+    public static func setThreads(_ n: Int) { openblas_set_num_threads(Int32(max(1, n))) }
+    public static var threads: Int { Int(openblas_get_num_threads()) }
+}
+
+/// Allocates `count` zeroed elements, 64-byte aligned; the caller owns the memory.
+@inlinable
+public func allocateZeroed<T>(_ type: T.Type, count: Int) -> UnsafeMutablePointer<T> {
+    let bytes = max(1, count) * MemoryLayout<T>.stride
+    let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+    raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+    return raw.bindMemory(to: T.self, capacity: max(1, count))
+}
