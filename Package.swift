@@ -38,6 +38,9 @@ let package = Package(
             "TandemTrain", "TandemMPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
+        // Runs every collective under mpirun and checks the values; `--overlap-bench` times Iallreduce overlap.
+        .executableTarget(name: "mpi-selftest", dependencies: ["TandemComm", "TandemMPI"]),
+
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"]),
         .testTarget(name: "TandemDataTests", dependencies: ["TandemData", "CZlib"]),
         .testTarget(name: "TandemCommTests", dependencies: ["TandemComm"]),

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 // A model replica in memory: one contiguous buffer of parameters, one of their gradients, one of
 // running statistics, activations for a maximum batch, and the parts that run it on threads.
 // Layers hold views into these buffers; the optimiser and the communicator work on flat slices.
@@ -37,6 +43,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// Summed over parts by BN; `crossRank` can be set for sync_bn.
     public let reducer: PartReducer
     public weak var observer: GradientObserver?
+    /// When set (2 per node: forward, backward seconds), part 0 adds each layer's time into it.
+    public var profile: UnsafeMutablePointer<Double>?
 
     private var layers: [[Layer<T>]]          // [part][node - 1]
     private var partGradients: [UnsafeMutablePointer<T>]
@@ -212,8 +220,17 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         c.count = n * (p + 1) / parts - c.start
         c.part = p
         let row = layers[p]
+        let timed = p == 0 ? profile : nil
         if command == .forward || command == .train {
-            for layer in row where c.count > 0 || layer.reducesAcrossParts { layer.forward(c) }
+            for layer in row where c.count > 0 || layer.reducesAcrossParts {
+                if let timed {
+                    let t0 = monotonicSeconds()
+                    layer.forward(c)
+                    timed[2 * layer.node.index] += monotonicSeconds() - t0
+                } else {
+                    layer.forward(c)
+                }
+            }
         }
         if command == .train {
             let off = c.start * graph.outputShape.count
@@ -227,7 +244,15 @@ public final class Network<T: Scalar>: @unchecked Sendable {
                 let layer = row[i]
                 let node = i + 1
                 if c.count > 0 { sumEdges(node, c) }
-                if c.count > 0 || layer.reducesAcrossParts { layer.backward(c) }
+                if c.count > 0 || layer.reducesAcrossParts {
+                    if let timed {
+                        let t0 = monotonicSeconds()
+                        layer.backward(c)
+                        timed[2 * node + 1] += monotonicSeconds() - t0
+                    } else {
+                        layer.backward(c)
+                    }
+                }
                 if reportEarly, !layer.node.parameterRange.isEmpty {
                     observer!.gradientsReady(from: graph.parameters[layer.node.parameterRange.lowerBound].offset)
                 }
@@ -246,4 +271,12 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         (g + off).update(from: edges[0] + off, count: n)
         for e in edges.dropFirst() { accumulate(g + off, e + off, count: n) }
     }
+}
+
+/// Monotonic clock in seconds (for per-layer profiles).
+@inline(__always)
+public func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
 }

@@ -1,0 +1,95 @@
+// trainer bench: warm-up steps, then timed training steps; per-phase and per-layer times.
+// Works under mpirun too (each rank times its own share; rank 0 reports the job).
+import ArgumentParser
+import Foundation
+import TandemComm
+import TandemCore
+import TandemTrain
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Measure training steps: images/s, phases, per-layer time and GFLOP/s.")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "Untimed steps first.") var warmup: Int = 20
+    @Option(help: "Timed steps.") var steps: Int = 100
+    @Option(help: "Write the results as JSON to this file.") var json: String?
+    @Flag(help: "Random images of the config's shape instead of the dataset.") var synthetic = false
+    @Flag(name: .customLong("per-layer"), help: "Print forward and backward time and GFLOP/s per layer.") var perLayer = false
+    @Option(name: .customLong("gradient-sync"), help: "overlap or after.") var gradientSync: String = "overlap"
+    @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 1024
+
+    mutating func validate() throws {
+        if warmup < 0 || steps <= 0 { throw ValidationError("--warmup must be >= 0 and --steps positive") }
+        if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
+    }
+
+    func run() throws {
+        var world: Communicator? = nil
+        runReportingErrors(world) {
+            world = try makeWorld()
+            let comm = world!
+            let c = try common.load()
+            let data = synthetic
+                ? try DataPipeline.synthetic(shape: c.input ?? Shape(1, 28, 28), classes: 10, train: max(4096, 4 * c.batchSize), test: 256, seed: c.seed)
+                : try DataPipeline(config: c.data)
+            var o = RunOptions()
+            o.quiet = true
+            o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
+            o.bucketKB = bucketKB
+            o.ranksOnThisMachine = ranksOnThisMachine(comm)
+            let trainer = try Trainer(config: c, comm: comm, data: data, options: o)
+            let net = trainer.net, graph = trainer.graph
+            let profile = UnsafeMutablePointer<Double>.allocate(capacity: 2 * graph.nodes.count)
+            defer { profile.deallocate() }
+            net.profile = profile
+            data.shuffle(epoch: 0, seed: c.seed)
+            let perEpoch = data.train.count / c.batchSize
+            func runSteps(_ n: Int, _ timing: StepTiming?) throws {
+                for s in 0..<n {
+                    _ = try trainer.step(epoch: 0, start: (s % perEpoch) * c.batchSize, globalCount: c.batchSize, step: s, lr: 1e-4, timing: timing)
+                }
+            }
+            try runSteps(warmup, nil)
+            profile.update(repeating: 0, count: 2 * graph.nodes.count)
+            try comm.barrier()
+            let timing = StepTiming()
+            let t0 = Clock.now
+            try runSteps(steps, timing)
+            try comm.barrier()
+            let elapsed = Clock.now - t0
+            var forward = 0.0
+            for i in 0..<graph.nodes.count { forward += profile[2 * i] }
+            // The job's rate: every rank's share of each global batch together.
+            let images = Double(steps * c.batchSize)
+            let perStep = { (x: Double) in 1000 * x / Double(steps) }
+            let phases: [String: Double] = ["data": perStep(timing.data), "forward": perStep(forward),
+                                            "backward": perStep(timing.compute - forward),
+                                            "allreduce_wait": perStep(timing.allreduce), "optimizer": perStep(timing.optimizer)]
+            guard comm.rank == 0 else { return }
+            print(String(format: "%@: %d steps of batch %d, %d rank(s) x %d thread(s): %@ img/s (%.3f ms/step)",
+                         c.source, steps, c.batchSize, comm.size, trainer.threads, formatCount(images / elapsed), 1000 * elapsed / Double(steps)))
+            print(["data", "forward", "backward", "allreduce_wait", "optimizer"].map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
+            if perLayer {
+                let local = Double(c.batchSize / comm.size) / Double(trainer.threads)
+                print(String(format: "%-10@ %-14@ %10@ %9@ %10@ %9@   (part 0: %.0f images per step)", "layer", "type", "fwd ms", "GFLOP/s", "bwd ms", "GFLOP/s", local))
+                for node in graph.nodes.dropFirst() {
+                    let f = profile[2 * node.index] / Double(steps), b = profile[2 * node.index + 1] / Double(steps)
+                    let flops = Double(node.flopsPerSample) * local
+                    // Backward of conv and linear is two products of the forward's size (weights and input).
+                    let bflops: Double
+                    switch node.kind! { case .convolution, .linear: bflops = 2 * flops; default: bflops = flops }
+                    print(String(format: "%-10@ %-14@ %10.3f %9.2f %10.3f %9.2f", node.name, node.kind!.typeName, 1000 * f, flops / max(f, 1e-12) / 1e9,
+                                 1000 * b, bflops / max(b, 1e-12) / 1e9))
+                }
+            }
+            if let json {
+                let result: [String: Any] = [
+                    "config": c.source, "images_per_second": images / elapsed, "world_size": comm.size, "threads": trainer.threads,
+                    "batch_size": c.batchSize, "steps": steps, "warmup": warmup, "phases_ms": phases,
+                    "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": gradientSync, "bucket_kb": bucketKB,
+                ]
+                let d = try JSONSerialization.data(withJSONObject: result, options: [.prettyPrinted, .sortedKeys])
+                try writeAtomically(d, to: json)
+            }
+        }
+    }
+}

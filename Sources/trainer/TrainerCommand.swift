@@ -1,0 +1,131 @@
+// trainer: Tandem's command line. `trainer` (= `trainer train`) trains a config, as one process or
+// under `mpirun -np N trainer`; `trainer debug` is the single-process debug mode; `trainer bench`
+// measures a training step.
+import ArgumentParser
+import Foundation
+import TandemComm
+import TandemCore
+import TandemMPI
+import TandemTrain
+
+/// Options every subcommand shares.
+struct CommonOptions: ParsableArguments {
+    @Option(help: "The experiment's YAML config (default: the built-in configs/lenet5-bn.yaml).")
+    var config: String?
+    @Option(help: "Dataset folder (overrides data.path).")
+    var data: String?
+    @Option(name: .customLong("batch-size"), help: "Global batch size (overrides train.batch_size); each of R replicas takes batch/R.")
+    var batchSize: Int?
+    @Option(help: "Seed for weights, shuffling, augmentation and dropout (overrides train.seed).")
+    var seed: Int?
+    @Option(help: "Threads per process that split the batch (overrides parallel.threads; default: the cores / ranks on this machine).")
+    var threads: Int?
+
+    func load() throws -> TrainConfig {
+        var c = try config.map { try TrainConfig.load(path: $0) } ?? TrainConfig.builtInDefault()
+        if let data { c.data.path = data }
+        if let batchSize {
+            guard batchSize > 0 else { throw ValidationError("--batch-size must be positive, got \(batchSize)") }
+            c.batchSize = batchSize
+        }
+        if let seed {
+            guard seed >= 0 else { throw ValidationError("--seed must be >= 0, got \(seed)") }
+            c.seed = UInt64(seed)
+        }
+        if let threads {
+            guard threads > 0 else { throw ValidationError("--threads must be positive, got \(threads)") }
+            c.parallel.threads = threads
+        }
+        return c
+    }
+
+    var name: String {
+        guard let config else { return TrainConfig.defaultName }
+        return URL(fileURLWithPath: config).deletingPathExtension().lastPathComponent
+    }
+}
+
+@main
+struct TrainerCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "trainer",
+        abstract: "Tandem: data- and model-parallel training of convolutional networks on CPUs over MPI.",
+        discussion: "With no subcommand, trains the default model (LeNet-5 with batch norm on Fashion-MNIST). Run it under `mpirun -np N trainer` for N data-parallel replicas.",
+        subcommands: [Train.self, Debug.self, Bench.self],
+        defaultSubcommand: Train.self)
+}
+
+/// The world: MPI when started by mpirun/srun, otherwise a single process.
+func makeWorld() throws -> Communicator {
+    if MPICommunicator.launchedByMPI { return try MPICommunicator.initialize() }
+    return SingleProcessCommunicator()
+}
+
+/// Ranks on this machine (OpenMPI and Slurm say; otherwise all ranks are here).
+func ranksOnThisMachine(_ world: Communicator) -> Int {
+    let env = ProcessInfo.processInfo.environment
+    for key in ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"] {
+        if let v = env[key], let n = Int(v.split(separator: "(").first ?? ""), n > 0 { return n }
+    }
+    return world.size
+}
+
+/// Runs `body` and turns any error into one line on stderr (prefixed with the rank under MPI) and exit status 1.
+func runReportingErrors(_ world: Communicator?, _ body: () throws -> Void) -> Never {
+    do {
+        try body()
+        if world is MPICommunicator { MPICommunicator.finalize() }
+        exit(0)
+    } catch {
+        let prefix = (world?.size ?? 1) > 1 ? "tandem: rank \(world!.rank): " : "tandem: "
+        fputs(prefix + String(describing: error).replacingOccurrences(of: "\n", with: " ") + "\n", stderr)
+        if let world, world.size > 1 {
+            // Other ranks may be waiting in a collective this rank will never enter: end the job.
+            world.abort(code: 1)
+        }
+        exit(1)
+    }
+}
+
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Train a config (the default subcommand).")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "Epochs (overrides train.epochs; fractions allowed).") var epochs: Double?
+    @Option(help: "Learning rate (overrides optimizer.lr).") var lr: Double?
+    @Option(help: "Output folder (default: runs/<config name>).") var out: String?
+    @Option(name: .customLong("max-steps"), help: "Stop after this many optimiser steps.") var maxSteps: Int?
+    @Option(name: .customLong("summary-json"), help: "Also write summary.json to this file.") var summaryJSON: String?
+    @Option(name: .customLong("gradient-sync"), help: "overlap: allreduce buckets while backward runs; after: one allreduce after backward.")
+    var gradientSync: String = "overlap"
+    @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 1024
+    @Flag(help: "Print only errors and the final line.") var quiet = false
+
+    func run() throws {
+        var world: Communicator? = nil
+        runReportingErrors(world) {
+            world = try makeWorld()
+            var c = try common.load()
+            if let epochs { c.epochs = epochs }
+            if let lr { c.lr = lr }
+            if let maxSteps { c.maxSteps = maxSteps }
+            let data = try DataPipeline(config: c.data)
+            var o = RunOptions()
+            o.outDir = out ?? "runs/\(common.name)"
+            o.summaryJSON = summaryJSON
+            o.quiet = quiet
+            o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
+            o.bucketKB = bucketKB
+            o.ranksOnThisMachine = ranksOnThisMachine(world!)
+            let trainer = try Trainer(config: c, comm: world!, data: data, options: o)
+            _ = try trainer.run()
+        }
+    }
+
+    mutating func validate() throws {
+        if let epochs, !(epochs > 0) { throw ValidationError("--epochs must be positive, got \(epochs)") }
+        if let lr, !(lr > 0) { throw ValidationError("--lr must be positive, got \(lr)") }
+        if let maxSteps, maxSteps <= 0 { throw ValidationError("--max-steps must be positive, got \(maxSteps)") }
+        if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
+        if bucketKB <= 0 { throw ValidationError("--bucket-kb must be positive, got \(bucketKB)") }
+    }
+}
