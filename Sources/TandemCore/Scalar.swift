@@ -4,7 +4,7 @@ import CBLAS
 import RealModule
 
 /// A floating-point type the compute core can run on: Float for training, Double for checking.
-public protocol Scalar: Real & BinaryFloatingPoint & Sendable {
+public protocol Scalar: Real & BinaryFloatingPoint & SIMDScalar & Sendable {
     /// C[m x n] = alpha * op(A)[m x k] * op(B)[k x n] + beta * C, row-major (CBLAS sgemm/dgemm).
     static func gemm(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
@@ -59,3 +59,4 @@ public func allocateZeroed<T>(_ type: T.Type, count: Int) -> UnsafeMutablePointe
     raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
     return raw.bindMemory(to: T.self, capacity: max(1, count))
 }
+

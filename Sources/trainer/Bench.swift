@@ -23,10 +23,8 @@ struct Bench: ParsableCommand {
     }
 
     func run() throws {
-        var world: Communicator? = nil
-        runReportingErrors(world) {
-            world = try makeWorld()
-            let comm = world!
+        runReportingErrors {
+            let comm = try makeWorld()
             let c = try common.load()
             let data = synthetic
                 ? try DataPipeline.synthetic(shape: c.input ?? Shape(1, 28, 28), classes: 10, train: max(4096, 4 * c.batchSize), test: 256, seed: c.seed)

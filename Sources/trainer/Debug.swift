@@ -17,7 +17,7 @@ struct Debug: ParsableCommand {
     @Flag(name: .customLong("skip-check"), help: "Skip the gradient check.") var skipCheck = false
 
     func run() throws {
-        runReportingErrors(nil) {
+        runReportingErrors {
             var c = try common.load()
             if let lr { c.lr = lr }
             c.parallel.threads = 1

@@ -55,10 +55,14 @@ struct TrainerCommand: ParsableCommand {
         defaultSubcommand: Train.self)
 }
 
+/// The world of this process once made (errors are reported and the job ended through it).
+nonisolated(unsafe) var currentWorld: Communicator?
+
 /// The world: MPI when started by mpirun/srun, otherwise a single process.
 func makeWorld() throws -> Communicator {
-    if MPICommunicator.launchedByMPI { return try MPICommunicator.initialize() }
-    return SingleProcessCommunicator()
+    let world: Communicator = MPICommunicator.launchedByMPI ? try MPICommunicator.initialize() : SingleProcessCommunicator()
+    currentWorld = world
+    return world
 }
 
 /// Ranks on this machine (OpenMPI and Slurm say; otherwise all ranks are here).
@@ -71,12 +75,14 @@ func ranksOnThisMachine(_ world: Communicator) -> Int {
 }
 
 /// Runs `body` and turns any error into one line on stderr (prefixed with the rank under MPI) and exit status 1.
-func runReportingErrors(_ world: Communicator?, _ body: () throws -> Void) -> Never {
+func runReportingErrors(_ body: () throws -> Void) -> Never {
     do {
         try body()
+        let world = currentWorld
         if world is MPICommunicator { MPICommunicator.finalize() }
         exit(0)
     } catch {
+        let world = currentWorld
         let prefix = (world?.size ?? 1) > 1 ? "tandem: rank \(world!.rank): " : "tandem: "
         fputs(prefix + String(describing: error).replacingOccurrences(of: "\n", with: " ") + "\n", stderr)
         if let world, world.size > 1 {
@@ -101,9 +107,8 @@ struct Train: ParsableCommand {
     @Flag(help: "Print only errors and the final line.") var quiet = false
 
     func run() throws {
-        var world: Communicator? = nil
-        runReportingErrors(world) {
-            world = try makeWorld()
+        runReportingErrors {
+            let world = try makeWorld()
             var c = try common.load()
             if let epochs { c.epochs = epochs }
             if let lr { c.lr = lr }
@@ -115,8 +120,8 @@ struct Train: ParsableCommand {
             o.quiet = quiet
             o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
             o.bucketKB = bucketKB
-            o.ranksOnThisMachine = ranksOnThisMachine(world!)
-            let trainer = try Trainer(config: c, comm: world!, data: data, options: o)
+            o.ranksOnThisMachine = ranksOnThisMachine(world)
+            let trainer = try Trainer(config: c, comm: world, data: data, options: o)
             _ = try trainer.run()
         }
     }

@@ -33,10 +33,12 @@ public func activationForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, _ x: Unsa
 public func activationBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dy: UnsafePointer<T>, x: UnsafePointer<T>, y: UnsafePointer<T>, count: Int, _ f: Activation) {
     switch f {
     case .relu:
-        for i in 0..<count { dx[i] = x[i] > 0 ? dy[i] : 0 }
+        // Both values are loaded before the select, so the loop has no branch to mispredict
+        // (the sign of x is unpredictable) and vectorises.
+        for i in 0..<count { let g = dy[i], v = x[i]; dx[i] = v > 0 ? g : 0 }
     case let .leakyRelu(alpha):
         let a = T(alpha)
-        for i in 0..<count { dx[i] = x[i] > 0 ? dy[i] : a * dy[i] }
+        for i in 0..<count { let g = dy[i], v = x[i]; dx[i] = v > 0 ? g : a * g }
     case .sigmoid:
         for i in 0..<count { let s = y[i]; dx[i] = dy[i] * s * (1 - s) }
     case .tanh:

@@ -21,6 +21,10 @@ public struct PoolGeometry: Sendable {
 @_specialize(where T == Double)
 public func maxPoolForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<T>, n: Int, _ s: PoolGeometry) {
     let w = s.window
+    if w.kernelH == 2 && w.kernelW == 2 && w.strideH == 2 && w.strideW == 2 && w.padH == 0 && w.padW == 0 {
+        maxPool2x2(y, argmax: argmax, x, planes: n * s.channels, s)
+        return
+    }
     for p in 0..<(n * s.channels) {
         let src = x + p * s.inPlane
         let dst = y + p * s.outPlane
@@ -33,12 +37,41 @@ public func maxPoolForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: Unsa
                 var m = src[best]
                 for ih in h0..<h1 {
                     for iw in w0..<w1 {
+                        // Branch-free: which element wins is unpredictable.
                         let i = ih * s.inW + iw
-                        if src[i] > m || m.isNaN { m = src[i]; best = i }
+                        let v = src[i]
+                        let better = v > m
+                        m = better ? v : m
+                        best = better ? i : best
                     }
                 }
                 dst[oh * s.outW + ow] = m
-                arg[oh * s.outW + ow] = Int32(best)
+                arg[oh * s.outW + ow] = Int32(truncatingIfNeeded: best)
+            }
+        }
+    }
+}
+
+/// The common 2x2 stride-2 unpadded case (LeNet), two input rows at a time.
+@inline(__always)
+func maxPool2x2<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<T>, planes: Int, _ s: PoolGeometry) {
+    let inW = s.inW
+    for p in 0..<planes {
+        let src = x + p * s.inPlane
+        let dst = y + p * s.outPlane
+        let arg = argmax + p * s.outPlane
+        for oh in 0..<s.outH {
+            let r0 = src + 2 * oh * inW, r1 = r0 + inW
+            let base = Int32(truncatingIfNeeded: 2 * oh * inW)
+            let d = dst + oh * s.outW, g = arg + oh * s.outW
+            for ow in 0..<s.outW {
+                let a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], e = r1[2 * ow + 1]
+                let m = max(max(a, b), max(c, e))
+                // The first maximum in reading order wins, as in PyTorch.
+                let col = Int32(truncatingIfNeeded: 2 * ow)
+                let off: Int32 = a == m ? 0 : (b == m ? 1 : (c == m ? Int32(truncatingIfNeeded: inW) : Int32(truncatingIfNeeded: inW) + 1))
+                d[ow] = m
+                g[ow] = base + col + off
             }
         }
     }

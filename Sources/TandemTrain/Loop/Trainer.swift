@@ -252,7 +252,7 @@ public final class Trainer {
             try summary.write(to: out + "/summary.json")
             if let extra = options.summaryJSON { try summary.write(to: extra) }
             if let metrics { try writeCurves(metrics.rows, to: out + "/curves.svg", epochs: summary.epochs) }
-            say(String(format: "test accuracy %.2f%% (loss %.4f) after %.2f epochs, %.1f s of training, %.1f s wall; %@ img/s. Wrote %@/{metrics.csv,summary.json,curves.svg}",
+            progress.line(String(format: "test accuracy %.2f%% (loss %.4f) after %.2f epochs, %.1f s of training, %.1f s wall; %@ img/s. Wrote %@/{metrics.csv,summary.json,curves.svg}",
                        testAccuracy * 100, testLoss, summary.epochs, trainSeconds, summary.wall_seconds, formatCount(summary.images_per_second), out))
         }
         return summary

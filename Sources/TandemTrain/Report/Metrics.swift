@@ -86,7 +86,7 @@ public struct RunSummary: Codable, Sendable {
 
     public func write(to path: String) throws {
         let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         try writeAtomically(try enc.encode(self), to: path)
     }
 }
