@@ -44,7 +44,7 @@ let package = Package(
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"]),
         .testTarget(name: "TandemDataTests", dependencies: ["TandemData", "CZlib"]),
         .testTarget(name: "TandemCommTests", dependencies: ["TandemComm"]),
-        .testTarget(name: "TandemTrainTests", dependencies: ["TandemTrain"]),
+        .testTarget(name: "TandemTrainTests", dependencies: ["TandemTrain", "TandemData", "TandemComm", "TandemCore"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -184,8 +184,10 @@ public struct Graph: Sendable {
                                            count: n, role: role, fanIn: 0, fanOut: 0))
                 sOffset += n
             }
+            // Default: a parameterised layer reads all towers' maps, except grouped convolutions and
+            // batch norm (per channel), and layers that read the data, which every tower holds whole.
             var tower = spec.towerInput ?? .own
-            if spec.towerInput == nil, hasParameters {
+            if spec.towerInput == nil, hasParameters, inputs != [0] {
                 if case let .convolution(_, _, groups, _) = spec.kind, groups > 1 { tower = .own } else if case .batchNorm = spec.kind { tower = .own } else { tower = .all }
             }
             nodes.append(Node(index: index, name: name, kind: spec.kind, inputs: inputs, inputShapes: inShapes,

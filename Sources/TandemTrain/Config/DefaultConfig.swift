@@ -43,6 +43,7 @@ optimizer:
   schedule: {type: cosine, min_lr: 0.0005}
 parallel:
   threads: auto
+
 """#
 
     public static func builtInDefault() throws -> TrainConfig {

@@ -1,0 +1,172 @@
+// Data parallelism proven in-process: N ranks as threads (ThreadCommunicator) train exactly what
+// one process trains on the same global batch. The tests under mpirun (MPITests) do the same with
+// real processes.
+import Foundation
+import Testing
+import TandemComm
+import TandemCore
+import TandemData
+@testable import TandemTrain
+
+let lenetYAML = """
+model:
+  init: pytorch
+  layers:
+    - {name: conv1, type: conv, out: 6, kernel: 5, pad: 2}
+    - {name: relu1, type: relu}
+    - {name: pool1, type: maxpool, kernel: 2}
+    - {name: conv2, type: conv, out: 16, kernel: 5}
+    - {name: relu2, type: relu}
+    - {name: pool2, type: maxpool, kernel: 2}
+    - {name: flatten, type: flatten}
+    - {name: fc1, type: linear, out: 120}
+    - {name: relu3, type: relu}
+    - {name: drop, type: dropout, rate: 0.3}
+    - {name: fc2, type: linear, out: 10}
+train: {batch_size: 32, seed: 3}
+optimizer: {lr: 0.05, momentum: 0.9}
+"""
+
+let syntheticData: @Sendable () throws -> DataPipeline = {
+    try DataPipeline.synthetic(shape: Shape(1, 28, 28), classes: 10, train: 512, test: 64, seed: 11)
+}
+
+func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
+    var worst: Float = 0
+    for i in a.indices { worst = max(worst, abs(a[i] - b[i]) / max(abs(a[i]), abs(b[i]), 1e-3)) }
+    return worst
+}
+
+@Suite struct DistributedTests {
+    @Test(arguments: [2, 4])
+    func replicasMatchOneProcess(ranks: Int) throws {
+        let c = try config(lenetYAML)
+        let one = try trainInProcess(c, ranks: 1, steps: 8, data: syntheticData)
+        let many = try trainInProcess(c, ranks: ranks, steps: 8, data: syntheticData)
+        #expect(one.losses.count == 8 && many.losses.count == 8)
+        for (a, b) in zip(one.losses, many.losses) { #expect(abs(a - b) <= 1e-4 * abs(a), "losses \(one.losses) vs \(many.losses)") }
+        #expect(maxRelativeDifference(one.parameters, many.parameters) < 1e-3)
+    }
+
+    @Test func syncBatchNormMatchesOneProcess() throws {
+        var c = try config(lenetYAML.replacingOccurrences(of: "    - {name: relu1, type: relu}", with: "    - {name: bn1, type: batchnorm}\n    - {name: relu1, type: relu}"))
+        c.parallel.syncBN = true
+        let one = try trainInProcess(c, ranks: 1, steps: 6, data: syntheticData)
+        let two = try trainInProcess(c, ranks: 2, steps: 6, data: syntheticData)
+        for (a, b) in zip(one.losses, two.losses) { #expect(abs(a - b) <= 1e-4 * abs(a), "losses \(one.losses) vs \(two.losses)") }
+        #expect(maxRelativeDifference(one.parameters, two.parameters) < 1e-3)
+    }
+
+    @Test func sameSeedSameWorldIsBitIdentical() throws {
+        let c = try config(lenetYAML)
+        let a = try trainInProcess(c, ranks: 2, steps: 5, data: syntheticData)
+        let b = try trainInProcess(c, ranks: 2, steps: 5, data: syntheticData)
+        #expect(a.losses == b.losses)
+        #expect(a.parameters == b.parameters)
+    }
+
+    @Test func batchNotDivisibleByReplicasIsAnError() throws {
+        var c = try config(lenetYAML)
+        c.batchSize = 30
+        #expect(throws: ConfigError.self) {
+            _ = try trainInProcess(c, ranks: 4, steps: 1, data: syntheticData)
+        }
+    }
+
+    @Test func partialLastBatchIsSharedByEveryRank() throws {
+        // 512 samples, batch 96: the sixth global batch has 32 samples; with 4 ranks each takes 8,
+        // and a batch smaller than the ranks still enters every collective.
+        var base = try config(lenetYAML)
+        base.batchSize = 96
+        base.epochs = 1
+        let c = base
+        let out = temporaryFolder()
+        try ThreadCommunicator.run(size: 4) { comm in
+            var o = RunOptions(); o.quiet = true; o.outDir = out
+            var cc = c; cc.parallel.threads = 1
+            let t = try Trainer(config: cc, comm: comm, data: try syntheticData(), options: o)
+            #expect(t.share(of: 3).count <= 1)
+            let s = try t.run()
+            #expect(s.steps == 6)
+        }
+        let summary = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + "/summary.json"))) as! [String: Any]
+        #expect(summary["world_size"] as? Int == 4)
+        #expect(FileManager.default.fileExists(atPath: out + "/curves.svg"))
+        let csv = try String(contentsOfFile: out + "/metrics.csv", encoding: .utf8)
+        #expect(csv.hasPrefix("kind,epoch,step,train_loss"))
+        #expect(csv.contains("\neval,1.0000,6,"))
+    }
+
+    @Test func differentConfigsOnRanksAreRefused() throws {
+        let c = try config(lenetYAML)
+        final class Caught: @unchecked Sendable { var messages: [String] = []; let lock = NSLock() }
+        let caught = Caught()
+        _ = try? ThreadCommunicator.run(size: 2) { comm in
+            var cc = c
+            if comm.rank == 1 { cc.text += "\n# edited" }
+            cc.parallel.threads = 1
+            do { _ = try Trainer(config: cc, comm: comm, data: try syntheticData(), options: RunOptions()) } catch {
+                caught.lock.lock(); caught.messages.append(String(describing: error)); caught.lock.unlock()
+            }
+        }
+        #expect(caught.messages.count == 2)
+        #expect(caught.messages.allSatisfy { $0.contains("rank 1 runs a different config") })
+    }
+}
+
+@Suite struct DataPipelineTests {
+    @Test func shardsOfEveryRankMakeTheGlobalBatch() throws {
+        let d = try syntheticData()
+        d.shuffle(epoch: 2, seed: 5)
+        let all = UnsafeMutablePointer<Float>.allocate(capacity: 40 * 784), labels = UnsafeMutablePointer<Int32>.allocate(capacity: 40)
+        defer { all.deallocate(); labels.deallocate() }
+        d.loadTrain(100..<140, epoch: 2, seed: 5, input: all, labels: labels)
+        let part = UnsafeMutablePointer<Float>.allocate(capacity: 40 * 784), pl = UnsafeMutablePointer<Int32>.allocate(capacity: 40)
+        defer { part.deallocate(); pl.deallocate() }
+        for r in 0..<4 {
+            let lo = 40 * r / 4, hi = 40 * (r + 1) / 4
+            d.loadTrain((100 + lo)..<(100 + hi), epoch: 2, seed: 5, input: part, labels: pl)
+            for i in 0..<((hi - lo) * 784) { #expect(part[i] == all[lo * 784 + i]) }
+            for i in 0..<(hi - lo) { #expect(pl[i] == labels[lo + i]) }
+        }
+    }
+
+    @Test func shuffleIsSeededAndAPermutation() throws {
+        let a = try syntheticData(), b = try syntheticData()
+        a.shuffle(epoch: 1, seed: 9); b.shuffle(epoch: 1, seed: 9)
+        #expect(a.order == b.order)
+        #expect(Set(a.order).count == a.train.count)
+        b.shuffle(epoch: 2, seed: 9)
+        #expect(a.order != b.order)
+    }
+
+    @Test func normalisationAndAugmentation() throws {
+        // One 1x4x4 image with pixels 0...15 * 17; mean 0, std 1 so values are byte/255.
+        let img = ImageSetFixture.gradient()
+        var c = DataConfig(); c.mean = [0]; c.std = [1]
+        let plain = try DataPipeline(train: img, test: img, config: c)
+        let x = UnsafeMutablePointer<Float>.allocate(capacity: 16), l = UnsafeMutablePointer<Int32>.allocate(capacity: 1)
+        defer { x.deallocate(); l.deallocate() }
+        plain.loadTest(0..<1, input: x, labels: l)
+        for i in 0..<16 { #expect(abs(x[i] - Float(i * 17) / 255) < 1e-6) }
+        c.flip = true; c.cropPadding = 1
+        let aug = try DataPipeline(train: img, test: img, config: c)
+        var seen = Set<[Float]>()
+        for epoch in 0..<40 {
+            aug.loadTrain(0..<1, epoch: epoch, seed: 1, input: x, labels: l)
+            let v = Array(UnsafeBufferPointer(start: x, count: 16))
+            // Every augmented image is the original shifted by at most one pixel, maybe mirrored.
+            #expect(v.allSatisfy { $0 >= 0 && $0 <= 1 })
+            seen.insert(v)
+        }
+        #expect(seen.count > 4)
+        let mean = DataPipeline.statistics(img)
+        #expect(abs(mean.0[0] - Double(7.5 * 17) / 255) < 1e-9)
+    }
+}
+
+enum ImageSetFixture {
+    static func gradient() -> ImageSet {
+        ImageSet(count: 1, channels: 1, height: 4, width: 4, classes: 10, pixels: (0..<16).map { UInt8($0 * 17) }, labels: [3])
+    }
+}
