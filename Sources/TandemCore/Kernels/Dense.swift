@@ -83,11 +83,13 @@ public func softmaxCrossEntropy<T: Scalar>(_ dLogits: UnsafeMutablePointer<T>?, 
         if arg == label { correct += 1 }
         var sum: T = 0
         for j in 0..<classes { sum += T.exp(z[j] - m) }
-        let lse = T.log(sum) + m
-        total += Double(lse - z[label])
+        // log(sum) - (z_label - m) rather than (log(sum) + m) - z_label: the latter loses the
+        // low bits of the loss in Float when the logits are large.
+        total += Double(T.log(sum) - (z[label] - m))
         if let dLogits {
             let d = dLogits + b * classes
-            for j in 0..<classes { d[j] = T.exp(z[j] - lse) * scale }
+            let inv = scale / sum
+            for j in 0..<classes { d[j] = T.exp(z[j] - m) * inv }
             d[label] -= scale
         }
     }

@@ -114,7 +114,8 @@ public struct Graph: Sendable {
                 out = Shape(outC, oh, ow)
                 let k = x.channels / groups * w.kernelH * w.kernelW
                 flops = 2 * outC * oh * ow * k
-                newParams.append(("weight", [outC, x.channels / groups, w.kernelH, w.kernelW], .weight, k, outC / groups * w.kernelH * w.kernelW))
+                // Fans as PyTorch computes them from the weight's shape: fan_out = out * kh * kw, also for groups.
+                newParams.append(("weight", [outC, x.channels / groups, w.kernelH, w.kernelW], .weight, k, outC * w.kernelH * w.kernelW))
                 if bias { newParams.append(("bias", [outC], .bias, k, outC)) }
                 hasParameters = true
             case let .maxPool(w), let .avgPool(w):
