@@ -86,7 +86,9 @@ func runReportingErrors(_ body: () throws -> Void) -> Never {
         let prefix = (world?.size ?? 1) > 1 ? "tandem: rank \(world!.rank): " : "tandem: "
         fputs(prefix + String(describing: error).replacingOccurrences(of: "\n", with: " ") + "\n", stderr)
         if let world, world.size > 1 {
-            // Other ranks may be waiting in a collective this rank will never enter: end the job.
+            // Other ranks may be waiting in a collective this rank will never enter: end the job,
+            // after a moment in which ranks that met the same error can say so too.
+            usleep(300_000)
             world.abort(code: 1)
         }
         exit(1)

@@ -1,0 +1,160 @@
+// Tests that start the release trainer (built by launch/test) as a user would: under mpirun,
+// with bad input, and in debug mode. Skipped with a message when the binary or mpirun is missing.
+import Foundation
+import Testing
+
+let trainerBinary = packageRoot + "/.build/release/trainer"
+let hasTrainer = FileManager.default.isExecutableFile(atPath: trainerBinary)
+let mpirunPath = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first { FileManager.default.isExecutableFile(atPath: $0) }
+let hasMPI = hasTrainer && mpirunPath != nil
+let fashionMNIST = "/usr/share/datasets/fashion-mnist"
+let hasData = FileManager.default.fileExists(atPath: fashionMNIST + "/t10k-labels-idx1-ubyte.gz")
+
+struct ProcessResult { var status: Int32; var output: String; var error: String; var seconds: Double }
+
+/// Runs a command with a time limit (killed after `timeout` seconds).
+func run(_ executable: String, _ arguments: [String], timeout: Double = 120, in directory: String? = nil) throws -> ProcessResult {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = arguments
+    if let directory { p.currentDirectoryURL = URL(fileURLWithPath: directory) }
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    final class Buffer: @unchecked Sendable { var data = Data(); let lock = NSLock() }
+    let o = Buffer(), e = Buffer()
+    out.fileHandleForReading.readabilityHandler = { h in let d = h.availableData; o.lock.lock(); o.data.append(d); o.lock.unlock() }
+    err.fileHandleForReading.readabilityHandler = { h in let d = h.availableData; e.lock.lock(); e.data.append(d); e.lock.unlock() }
+    let start = Date()
+    try p.run()
+    while p.isRunning {
+        if Date().timeIntervalSince(start) > timeout { p.terminate(); usleep(500_000); kill(p.processIdentifier, SIGKILL) }
+        usleep(20_000)
+    }
+    out.fileHandleForReading.readabilityHandler = nil
+    err.fileHandleForReading.readabilityHandler = nil
+    o.data.append(out.fileHandleForReading.readDataToEndOfFile())
+    e.data.append(err.fileHandleForReading.readDataToEndOfFile())
+    return ProcessResult(status: p.terminationStatus, output: String(decoding: o.data, as: UTF8.self),
+                         error: String(decoding: e.data, as: UTF8.self), seconds: Date().timeIntervalSince(start))
+}
+
+func mpirun(_ np: Int, _ arguments: [String], timeout: Double = 180) throws -> ProcessResult {
+    try run(mpirunPath!, ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "\(np)", trainerBinary] + arguments, timeout: timeout)
+}
+
+/// Step losses from a metrics.csv (one row per step when log_every_steps is 1).
+func stepLosses(_ folder: String) throws -> [Double] {
+    try String(contentsOfFile: folder + "/metrics.csv", encoding: .utf8).split(separator: "\n")
+        .filter { $0.hasPrefix("step,") }.map { Double($0.split(separator: ",", omittingEmptySubsequences: false)[3])! }
+}
+
+func summary(_ folder: String) throws -> [String: Any] {
+    try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: folder + "/summary.json"))) as! [String: Any]
+}
+
+/// A small LeNet-5 config on the first 4096 Fashion-MNIST images, one metrics row per step.
+func smallConfig(batchNorm: Bool = false, syncBN: Bool = false, batch: Int = 64) throws -> String {
+    var text = try String(contentsOfFile: packageRoot + (batchNorm ? "/configs/lenet5-bn.yaml" : "/configs/lenet5.yaml"), encoding: .utf8)
+    text = text.replacingOccurrences(of: "  path: /usr/share/datasets/fashion-mnist", with: "  path: \(fashionMNIST)\n  train_limit: 4096\n  test_limit: 1000")
+    text = text.replacingOccurrences(of: "  batch_size: 64\n", with: "  batch_size: \(batch)\n  log_every_steps: 1\n  max_steps: 12\n")
+    text = text.replacingOccurrences(of: "parallel:\n  threads: auto\n", with: "")
+    text += "parallel:\n  threads: 1\n  sync_bn: \(syncBN)\n"
+    let path = temporaryFolder() + "/small.yaml"
+    try text.write(toFile: path, atomically: true, encoding: .utf8)
+    return path
+}
+
+@Suite(.serialized, .enabled(if: hasMPI && hasData, "needs .build/release/trainer (launch/test builds it), mpirun and Fashion-MNIST"))
+struct MPITests {
+    func compare(np: Int, batchNorm: Bool, syncBN: Bool) throws {
+        let cfg = try smallConfig(batchNorm: batchNorm, syncBN: syncBN)
+        let one = temporaryFolder(), many = temporaryFolder()
+        let a = try run(trainerBinary, ["--config", cfg, "--out", one, "--quiet"])
+        #expect(a.status == 0, "\(a.error)")
+        let b = try mpirun(np, ["--config", cfg, "--out", many, "--quiet"])
+        #expect(b.status == 0, "\(b.error)")
+        let la = try stepLosses(one), lb = try stepLosses(many)
+        #expect(la.count == 12 && lb.count == 12)
+        for (x, y) in zip(la, lb) { #expect(abs(x - y) <= 2e-4 * abs(x), "np \(np): losses \(la) vs \(lb)") }
+        let na = try summary(one)["param_norm"] as! Double, nb = try summary(many)["param_norm"] as! Double
+        #expect(abs(na - nb) <= 1e-4 * na, "param_norm \(na) vs \(nb)")
+        #expect(try summary(many)["world_size"] as? Int == np)
+    }
+
+    @Test(arguments: [2, 4]) func lenetRanksMatchOneProcess(np: Int) throws { try compare(np: np, batchNorm: false, syncBN: false) }
+    @Test(arguments: [2, 4]) func batchNormWithSyncBNMatchesOneProcess(np: Int) throws { try compare(np: np, batchNorm: true, syncBN: true) }
+
+    @Test func sameSeedTwiceIsBitIdentical() throws {
+        let cfg = try smallConfig()
+        let a = temporaryFolder(), b = temporaryFolder()
+        for out in [a, b] { let r = try mpirun(2, ["--config", cfg, "--out", out, "--quiet"]); #expect(r.status == 0, "\(r.error)") }
+        #expect(try stepLosses(a) == stepLosses(b))
+        #expect(try summary(a)["param_norm"] as! Double == summary(b)["param_norm"] as! Double)
+    }
+
+    @Test func worldSizeThatDoesNotFitEndsEveryRankWithOneLine() throws {
+        let cfg = try smallConfig(batch: 30)
+        let r = try mpirun(4, ["--config", cfg, "--out", temporaryFolder()], timeout: 60)
+        #expect(r.status != 0)
+        #expect(r.seconds < 30)
+        let lines = r.error.split(separator: "\n").filter { $0.contains("not divisible by the 4 replicas") }
+        #expect(lines.count >= 1, "\(r.error)")
+        #expect(lines.allSatisfy { $0.hasPrefix("tandem: rank ") })
+    }
+
+    @Test func ranksWithDifferentConfigsStop() throws {
+        let a = try smallConfig(), b = try smallConfig(batchNorm: true)
+        let r = try run(mpirunPath!, ["--allow-run-as-root", "--oversubscribe", "-np", "1", trainerBinary, "--config", a, "--out", temporaryFolder(),
+                                      ":", "-np", "1", trainerBinary, "--config", b, "--out", temporaryFolder()], timeout: 60)
+        #expect(r.status != 0)
+        #expect(r.error.contains("runs a different config than rank 0"), "\(r.error)")
+    }
+}
+
+@Suite(.enabled(if: hasTrainer && hasData, "needs .build/release/trainer (launch/test builds it) and Fashion-MNIST"))
+struct CommandLineTests {
+    @Test func debugModeStopsAtTheFirstNaNLayer() throws {
+        let r = try run(trainerBinary, ["debug", "--config", try smallConfig(batchNorm: true), "--lr", "1e30", "--skip-check", "--steps", "6"], timeout: 60)
+        #expect(r.status == 1)
+        #expect(r.error.contains("NaN/Inf"), "\(r.error)")
+        #expect(r.error.contains("layer '"), "\(r.error)")
+        #expect(r.error.split(separator: "\n").count == 1)
+    }
+
+    @Test func debugModeChecksGradientsAndPrintsTheModel() throws {
+        let r = try run(trainerBinary, ["debug", "--steps", "1"], timeout: 120)
+        #expect(r.status == 0, "\(r.error)")
+        #expect(r.output.contains("61,932 parameters"))
+        #expect(r.output.contains("conv1.weight") && !r.output.contains("FAIL"))
+        #expect(r.output.contains("debug: OK"))
+    }
+
+    @Test func badInputIsOneLineAndNonZero() throws {
+        let cases: [([String], String)] = [
+            (["--data", "/no/such/folder"], "/no/such/folder"),
+            (["--config", "/no/such.yaml"], "/no/such.yaml: config file does not exist"),
+            (["--config", try smallConfig(batchNorm: false), "--batch-size", "0"], "--batch-size must be positive"),
+        ]
+        for (args, fragment) in cases {
+            let r = try run(trainerBinary, args + ["--out", temporaryFolder()], timeout: 30)
+            #expect(r.status != 0)
+            #expect(r.error.contains(fragment), "\(args): \(r.error)")
+        }
+    }
+
+    @Test func trainWritesItsOutputs() throws {
+        let out = temporaryFolder()
+        let extra = out + "/extra.json"
+        let r = try run(trainerBinary, ["--config", try smallConfig(), "--out", out, "--summary-json", extra], timeout: 60)
+        #expect(r.status == 0, "\(r.error)")
+        #expect(r.output.contains("test accuracy"))
+        let s = try summary(out)
+        for key in ["test_accuracy", "test_loss", "final_train_loss", "epochs", "steps", "images_per_second", "wall_seconds", "world_size", "param_norm"] {
+            #expect(s[key] != nil, "summary.json lacks \(key)")
+        }
+        #expect(FileManager.default.fileExists(atPath: extra))
+        let svg = try String(contentsOfFile: out + "/curves.svg", encoding: .utf8)
+        #expect(svg.hasPrefix("<svg") && svg.contains("polyline"))
+    }
+}
