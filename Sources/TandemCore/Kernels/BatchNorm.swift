@@ -9,19 +9,55 @@
 //   dgamma = sum dy*xhat,  dbeta = sum dy,
 //   dx = gamma / sqrt(var + eps) * (dy - dbeta/M - xhat * dgamma/M)
 
+/// Sum of p[0..<n] with eight partial sums (vectorises; the order is fixed, so results repeat exactly).
+@inline(__always)
+func vectorSum<T: Scalar>(_ p: UnsafePointer<T>, _ n: Int) -> T {
+    var acc = SIMD8<T>()
+    var i = 0
+    while i + 8 <= n { acc += UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<T>.self); i += 8 }
+    var s = acc.sum()
+    while i < n { s += p[i]; i += 1 }
+    return s
+}
+
+/// sum of (p[i] - m)^2 and, when `q` is given, also sum of p[i] * q[i].
+@inline(__always)
+func vectorSquaredDeviation<T: Scalar>(_ p: UnsafePointer<T>, _ n: Int, around m: T) -> T {
+    var acc = SIMD8<T>()
+    let mv = SIMD8<T>(repeating: m)
+    var i = 0
+    while i + 8 <= n { let d = UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<T>.self) - mv; acc += d * d; i += 8 }
+    var s = acc.sum()
+    while i < n { let d = p[i] - m; s += d * d; i += 1 }
+    return s
+}
+
+@inline(__always)
+func vectorDot<T: Scalar>(_ p: UnsafePointer<T>, _ q: UnsafePointer<T>, _ n: Int) -> T {
+    var acc = SIMD8<T>()
+    var i = 0
+    while i + 8 <= n {
+        acc += UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<T>.self) * UnsafeRawPointer(q + i).loadUnaligned(as: SIMD8<T>.self)
+        i += 8
+    }
+    var s = acc.sum()
+    while i < n { s += p[i] * q[i]; i += 1 }
+    return s
+}
+
 /// sums[c] = sum of x over the batch and plane of channel c.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func channelSums<T: Scalar>(_ sums: UnsafeMutablePointer<Double>, _ x: UnsafePointer<T>, n: Int, channels: Int, plane: Int) {
+    if plane == 1 {
+        // Vectors (after a linear layer): features are contiguous, so walk samples outermost.
+        sums.update(repeating: 0, count: channels)
+        for b in 0..<n { let r = x + b * channels; for c in 0..<channels { sums[c] += Double(r[c]) } }
+        return
+    }
     for c in 0..<channels {
-        var acc: T = 0
         var total = 0.0
-        for b in 0..<n {
-            let r = x + (b * channels + c) * plane
-            acc = 0
-            for i in 0..<plane { acc += r[i] }
-            total += Double(acc)
-        }
+        for b in 0..<n { total += Double(vectorSum(x + (b * channels + c) * plane, plane)) }
         sums[c] = total
     }
 }
@@ -30,15 +66,15 @@ public func channelSums<T: Scalar>(_ sums: UnsafeMutablePointer<Double>, _ x: Un
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func channelSquaredDeviations<T: Scalar>(_ sums: UnsafeMutablePointer<Double>, _ x: UnsafePointer<T>, mean: UnsafePointer<Double>, n: Int, channels: Int, plane: Int) {
+    if plane == 1 {
+        sums.update(repeating: 0, count: channels)
+        for b in 0..<n { let r = x + b * channels; for c in 0..<channels { let d = Double(r[c]) - mean[c]; sums[c] += d * d } }
+        return
+    }
     for c in 0..<channels {
         let m = T(mean[c])
         var total = 0.0
-        for b in 0..<n {
-            let r = x + (b * channels + c) * plane
-            var acc: T = 0
-            for i in 0..<plane { let d = r[i] - m; acc += d * d }
-            total += Double(acc)
-        }
+        for b in 0..<n { total += Double(vectorSquaredDeviation(x + (b * channels + c) * plane, plane, around: m)) }
         sums[c] = total
     }
 }
@@ -51,12 +87,16 @@ public func batchNormApply<T: Scalar>(_ y: UnsafeMutablePointer<T>, xhat: Unsafe
                                       gamma: UnsafePointer<T>, beta: UnsafePointer<T>, n: Int, channels: Int, plane: Int) {
     for c in 0..<channels {
         let m = T(mean[c]), s = T(invStd[c]), g = gamma[c], bt = beta[c]
+        // y = g * (x - m) * s + bt = x * (g s) + (bt - g m s) when xhat is not needed.
+        let scale = g * s, shift = bt - g * m * s
         for b in 0..<n {
             let o = (b * channels + c) * plane
+            let xr = x + o, yr = y + o
             if let xhat {
-                for i in 0..<plane { let h = (x[o + i] - m) * s; xhat[o + i] = h; y[o + i] = g * h + bt }
+                let hr = xhat + o
+                for i in 0..<plane { let h = (xr[i] - m) * s; hr[i] = h; yr[i] = g * h + bt }
             } else {
-                for i in 0..<plane { y[o + i] = g * ((x[o + i] - m) * s) + bt }
+                for i in 0..<plane { yr[i] = xr[i] * scale + shift }
             }
         }
     }
@@ -66,13 +106,20 @@ public func batchNormApply<T: Scalar>(_ y: UnsafeMutablePointer<T>, xhat: Unsafe
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func batchNormGradientSums<T: Scalar>(_ sums: UnsafeMutablePointer<Double>, _ dy: UnsafePointer<T>, xhat: UnsafePointer<T>, n: Int, channels: Int, plane: Int) {
+    if plane == 1 {
+        sums.update(repeating: 0, count: 2 * channels)
+        for b in 0..<n {
+            let g = dy + b * channels, h = xhat + b * channels
+            for c in 0..<channels { sums[c] += Double(g[c]); sums[channels + c] += Double(g[c] * h[c]) }
+        }
+        return
+    }
     for c in 0..<channels {
         var s1 = 0.0, s2 = 0.0
         for b in 0..<n {
             let o = (b * channels + c) * plane
-            var a1: T = 0, a2: T = 0
-            for i in 0..<plane { a1 += dy[o + i]; a2 += dy[o + i] * xhat[o + i] }
-            s1 += Double(a1); s2 += Double(a2)
+            s1 += Double(vectorSum(dy + o, plane))
+            s2 += Double(vectorDot(dy + o, xhat + o, plane))
         }
         sums[c] = s1
         sums[channels + c] = s2
@@ -91,7 +138,8 @@ public func batchNormInputGradient<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ d
         let meanDy = T(sums[c] * inv), meanDyXhat = T(sums[channels + c] * inv)
         for b in 0..<n {
             let o = (b * channels + c) * plane
-            for i in 0..<plane { dx[o + i] = k * (dy[o + i] - meanDy - xhat[o + i] * meanDyXhat) }
+            let d = dx + o, g = dy + o, h = xhat + o
+            for i in 0..<plane { d[i] = k * (g[i] - meanDy - h[i] * meanDyXhat) }
         }
     }
 }
