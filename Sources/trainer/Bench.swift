@@ -34,6 +34,7 @@ struct Bench: ParsableCommand {
             o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
             o.bucketKB = bucketKB
             o.ranksOnThisMachine = ranksOnThisMachine(comm)
+            o.initWeights = common.initWeights
             let trainer = try Trainer(config: c, comm: comm, data: data, options: o)
             let net = trainer.net, graph = trainer.graph
             let profile = UnsafeMutablePointer<Double>.allocate(capacity: 2 * graph.nodes.count)
@@ -68,14 +69,14 @@ struct Bench: ParsableCommand {
             print(["data", "forward", "backward", "allreduce_wait", "optimizer"].map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
             if perLayer {
                 let local = Double(c.batchSize / comm.size) / Double(trainer.threads)
-                print(String(format: "%-10@ %-14@ %10@ %9@ %10@ %9@   (part 0: %.0f images per step)", "layer", "type", "fwd ms", "GFLOP/s", "bwd ms", "GFLOP/s", local))
+                print(pad("layer", 10) + " " + pad("type", 14) + "    fwd ms   GFLOP/s     bwd ms   GFLOP/s" + String(format: "   (part 0: %.0f images per step)", local))
                 for node in graph.nodes.dropFirst() {
                     let f = profile[2 * node.index] / Double(steps), b = profile[2 * node.index + 1] / Double(steps)
                     let flops = Double(node.flopsPerSample) * local
                     // Backward of conv and linear is two products of the forward's size (weights and input).
                     let bflops: Double
                     switch node.kind! { case .convolution, .linear: bflops = 2 * flops; default: bflops = flops }
-                    print(String(format: "%-10@ %-14@ %10.3f %9.2f %10.3f %9.2f", node.name, node.kind!.typeName, 1000 * f, flops / max(f, 1e-12) / 1e9,
+                    print(pad(node.name, 10) + " " + pad(node.kind!.typeName, 14) + String(format: " %10.3f %9.2f %10.3f %9.2f", 1000 * f, flops / max(f, 1e-12) / 1e9,
                                  1000 * b, bflops / max(b, 1e-12) / 1e9))
                 }
             }

@@ -24,6 +24,7 @@ struct Debug: ParsableCommand {
             let data = try DataPipeline(config: c.data)
             var o = RunOptions()
             o.quiet = true
+            o.initWeights = common.initWeights
             let trainer = try Trainer(config: c, comm: SingleProcessCommunicator(), data: data, options: o)
             print(ModelTable.render(trainer.graph, batch: c.batchSize))
             var failed = false
@@ -34,7 +35,7 @@ struct Debug: ParsableCommand {
                 for r in results {
                     let ok = r.maxRelativeError < 1e-5
                     failed = failed || !ok
-                    print(String(format: "  %@ %-18@ %3d checked, %d at kinks, max relative error %.2e", ok ? "ok  " : "FAIL", r.tensor, r.checked, r.skippedAtKinks, r.maxRelativeError))
+                    print("  " + (ok ? "ok   " : "FAIL ") + pad(r.tensor, 18) + String(format: " %3d checked, %d at kinks, max relative error %.2e", r.checked, r.skippedAtKinks, r.maxRelativeError))
                 }
             }
             print("\nTraining \(steps) steps (batch \(c.batchSize), lr \(c.lr)):")
@@ -51,7 +52,7 @@ struct Debug: ParsableCommand {
                     let n = c.batchSize * node.outputShape.count
                     let a = TensorStats(net.activations[node.index], count: n)
                     let g = net.activationGradients[node.index].map { TensorStats($0, count: n) }
-                    print(String(format: "  %-16@ %10.3e %9.3e %9.3e %7d  | %@", node.name, a.mean, a.std, a.maxAbs, a.nonFinite,
+                    print("  " + pad(node.name, 16) + String(format: " %10.3e %9.3e %9.3e %7d  | %@", a.mean, a.std, a.maxAbs, a.nonFinite,
                                  g.map { String(format: "%10.3e %9.3e %9.3e %7d", $0.mean, $0.std, $0.maxAbs, $0.nonFinite) } ?? "   (not computed)"))
                     if firstBad == nil && a.nonFinite > 0 { firstBad = "layer '\(node.name)' produced \(a.nonFinite) NaN/Inf activations in forward" }
                 }
@@ -91,17 +92,27 @@ struct TensorStats {
     }
 }
 
+/// `s` left-aligned in a column of `width` characters.
+func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s : s + String(repeating: " ", count: width - s.count) }
+
+/// `s` right-aligned in a column of `width` characters.
+func padLeft(_ s: String, _ width: Int) -> String { s.count >= width ? s : String(repeating: " ", count: width - s.count) + s }
+
 /// The model as a table: layer, type, inputs, output shape, parameters, forward FLOPs per image.
 enum ModelTable {
+    static let widths = [10, 15, 14, 12, 11, 14]
+    static func row(_ cells: [String]) -> String {
+        zip(cells, widths).enumerated().map { i, c in i >= 4 ? padLeft(c.0, c.1) : pad(c.0, c.1) }.joined(separator: " ")
+    }
+
     static func render(_ g: Graph, batch: Int) -> String {
-        var lines = [String(format: "%-10@ %-15@ %-12@ %-12@ %11@ %14@", "layer", "type", "input", "output", "parameters", "FLOPs/image")]
+        var lines = [row(["layer", "type", "input", "output", "parameters", "FLOPs/image"])]
         for node in g.nodes {
             let params = g.parameters(of: node.index).reduce(0) { $0 + $1.count }
             let inputs = node.inputs.map { g.nodes[$0].name }.joined(separator: ",")
             var type = node.kind?.typeName ?? "data"
             if case let .convolution(_, w, groups, _)? = node.kind { type += " \(w.kernelH)x\(w.kernelW)" + (groups > 1 ? " g\(groups)" : "") }
-            lines.append(String(format: "%-10@ %-15@ %-12@ %-12@ %11@ %14@", node.name, type, inputs, node.outputShape.description,
-                                formatCount(Double(params)), formatCount(Double(node.flopsPerSample))))
+            lines.append(row([node.name, type, inputs, node.outputShape.description, formatCount(Double(params)), formatCount(Double(node.flopsPerSample))]))
         }
         lines.append(String(format: "total: %@ parameters, %@ running statistics, %@ forward FLOPs per image (%@ per step of %d, forward + backward ~3x)",
                             formatCount(Double(g.parameterCount)), formatCount(Double(g.statisticsCount)), formatCount(Double(g.flopsPerSample)),
