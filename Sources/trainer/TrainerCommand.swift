@@ -20,6 +20,8 @@ struct CommonOptions: ParsableArguments {
     var seed: Int?
     @Option(help: "Threads per process that split the batch (overrides parallel.threads; default: the cores / ranks on this machine).")
     var threads: Int?
+    @Option(name: .customLong("init-weights"), help: "Start from these weights (a safetensors file, e.g. from `trainer export`) instead of the initialiser.")
+    var initWeights: String?
 
     func load() throws -> TrainConfig {
         var c = try config.map { try TrainConfig.load(path: $0) } ?? TrainConfig.builtInDefault()
@@ -101,7 +103,9 @@ struct Train: ParsableCommand {
     @Option(help: "Epochs (overrides train.epochs; fractions allowed).") var epochs: Double?
     @Option(help: "Learning rate (overrides optimizer.lr).") var lr: Double?
     @Option(help: "Output folder (default: runs/<config name>).") var out: String?
-    @Option(name: .customLong("max-steps"), help: "Stop after this many optimiser steps.") var maxSteps: Int?
+    @Option(name: .customLong("max-steps"), help: "Stop after this many optimiser steps (the learning-rate schedule still spans the epochs, so the run can be resumed).") var maxSteps: Int?
+    @Option(help: ArgumentHelp("Continue from a checkpoint: a file, a folder (its newest usable checkpoint) or auto (the output folder's; none: start fresh).",
+                               valueName: "file|dir|auto")) var resume: String?
     @Option(name: .customLong("summary-json"), help: "Also write summary.json to this file.") var summaryJSON: String?
     @Option(name: .customLong("gradient-sync"), help: "overlap: allreduce buckets while backward runs; after: one allreduce after backward.")
     var gradientSync: String = "overlap"
@@ -123,6 +127,8 @@ struct Train: ParsableCommand {
             o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
             o.bucketKB = bucketKB
             o.ranksOnThisMachine = ranksOnThisMachine(world)
+            o.resume = resume
+            o.initWeights = common.initWeights
             let trainer = try Trainer(config: c, comm: world, data: data, options: o)
             _ = try trainer.run()
         }
@@ -134,5 +140,6 @@ struct Train: ParsableCommand {
         if let maxSteps, maxSteps <= 0 { throw ValidationError("--max-steps must be positive, got \(maxSteps)") }
         if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
         if bucketKB <= 0 { throw ValidationError("--bucket-kb must be positive, got \(bucketKB)") }
+        if let resume, resume.isEmpty { throw ValidationError("--resume needs a checkpoint file, a folder or auto") }
     }
 }

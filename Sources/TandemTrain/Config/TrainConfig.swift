@@ -65,12 +65,24 @@ public struct TrainConfig: Sendable {
     public var evalEveryEpochs: Double = 1
     /// Log a metrics row every this many steps.
     public var logEverySteps: Int = 50
+    /// Write a checkpoint every this many epochs (fractions allowed; 0: off) and every this many
+    /// steps (0: off); a checkpoint is written at the end of the run too.
+    public var checkpointEveryEpochs: Double = 1
+    public var checkpointEverySteps: Int = 0
+    /// Checkpoints kept in the output folder (older ones are deleted).
+    public var keepCheckpoints: Int = 3
     public var lr: Double = 0.05
     public var sgd = SGDSettings()
     public var schedule = ScheduleConfig()
     public var parallel = ParallelConfig()
 
-    public var hash: UInt64 { stableHash(text) }
+    /// Fingerprint of the experiment: the YAML text and the settings the command line overrides
+    /// that change what is trained (epochs, batch size, seed, learning rate). Not the stop
+    /// (max_steps), the data folder or the threads: a run stopped early, moved to another
+    /// machine or resumed with another layout is still the same experiment.
+    public var hash: UInt64 {
+        stableHash(text + "\n# effective: epochs \(epochs), batch_size \(batchSize), seed \(seed), lr \(lr)")
+    }
 }
 
 extension TrainConfig {
@@ -206,7 +218,8 @@ extension TrainConfig {
     }
 
     static func parseTrain(_ v: YAMLValue, into c: inout TrainConfig) throws {
-        let f = try v.fields(["epochs", "batch_size", "seed", "max_steps", "eval_every_epochs", "log_every_steps"])
+        let f = try v.fields(["epochs", "batch_size", "seed", "max_steps", "eval_every_epochs", "log_every_steps",
+                               "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints"])
         if let x = f["epochs"] {
             c.epochs = try x.double()
             guard c.epochs > 0 else { throw x.error("expected a positive number of epochs, got \(c.epochs)") }
@@ -219,6 +232,12 @@ extension TrainConfig {
             guard c.evalEveryEpochs > 0 else { throw x.error("expected a positive number, got \(c.evalEveryEpochs)") }
         }
         if let x = f["log_every_steps"] { c.logEverySteps = try x.positiveInt() }
+        if let x = f["checkpoint_every_epochs"] {
+            c.checkpointEveryEpochs = try x.double()
+            guard c.checkpointEveryEpochs >= 0 else { throw x.error("expected a number >= 0 (0: off), got \(c.checkpointEveryEpochs)") }
+        }
+        if let x = f["checkpoint_every_steps"] { c.checkpointEverySteps = try x.nonNegativeInt() }
+        if let x = f["keep_checkpoints"] { c.keepCheckpoints = try x.positiveInt() }
     }
 
     static func parseOptimizer(_ v: YAMLValue, into c: inout TrainConfig) throws {

@@ -17,6 +17,23 @@ public struct RunOptions: Sendable {
     /// Cores on this machine and the ranks sharing it (for threads: auto).
     public var cores = ProcessInfo.processInfo.activeProcessorCount
     public var ranksOnThisMachine = 1
+    /// Continue from a checkpoint: a file, a folder (its newest usable checkpoint) or "auto" (the
+    /// output folder's newest usable one; none there: start from the beginning). nil: start fresh.
+    public var resume: String?
+    /// Start from these weights (a safetensors file) instead of the initialiser.
+    public var initWeights: String?
+    public init() {}
+}
+
+/// Where a run stands between two steps: what a checkpoint records besides the buffers.
+public struct RunState: Sendable, Equatable {
+    /// The next step trains global positions [position, position + batch) of epoch `epoch`'s order.
+    public var epoch = 0, position = 0
+    /// Optimiser steps done, and the step the learning-rate schedule continues at.
+    public var step = 0, lrStep = 0
+    public var trainSeconds = 0.0, wallSeconds = 0.0
+    public var secondsTo90: Double? = nil
+    public var lastTrainLoss = Double.nan
     public init() {}
 }
 
@@ -40,6 +57,8 @@ public final class Trainer {
     public var replicas: Int { comm.size }
     public var localBatch: Int { config.batchSize / replicas }
     var isRoot: Bool { comm.rank == 0 }
+    /// The checkpoint `run()` resumed from (its path on rank 0, "" on other ranks) and its step.
+    public private(set) var resumedFrom: (path: String, step: Int)?
 
     public init(config: TrainConfig, comm: Communicator, data: DataPipeline, options: RunOptions) throws {
         self.config = config
@@ -74,8 +93,13 @@ public final class Trainer {
             }
         }
         try checkSameConfig()
-        // Rank 0 initialises and broadcasts parameters and running statistics.
+        // Rank 0 initialises (or loads --init-weights) and broadcasts parameters and running statistics.
         if isRoot { Initializer.initialize(net, scheme: config.initScheme, seed: config.seed) }
+        if let weights = options.initWeights {
+            try onRoot("read the --init-weights file") {
+                _ = try ModelWeights.load(path: weights, graph: graph, parameters: net.parameters, statistics: net.statistics)
+            }
+        }
         try comm.broadcast(UnsafeMutableRawPointer(net.parameters.baseAddress!), bytes: net.parameters.count * 4, root: 0)
         if net.statistics.count > 0 {
             try comm.broadcast(UnsafeMutableRawPointer(net.statistics.baseAddress!), bytes: net.statistics.count * 4, root: 0)
@@ -95,13 +119,26 @@ public final class Trainer {
         mine.removeAll()
     }
 
-    public var stepsPerEpoch: Int { (data.train.count + config.batchSize - 1) / config.batchSize }
-    public var totalSteps: Int {
-        let s = Int((config.epochs * Double(stepsPerEpoch)).rounded(.up))
-        return config.maxSteps > 0 ? min(s, config.maxSteps) : s
+    /// Runs `body` on rank 0 and tells every rank whether it worked, so that a failure there stops
+    /// every rank with an error instead of leaving the others waiting in the next collective.
+    func onRoot(_ what: String, _ body: () throws -> Void) throws {
+        var failure: Error? = nil
+        if isRoot { do { try body() } catch { failure = error } }
+        var flag: Int64 = failure == nil ? 0 : 1
+        if comm.size > 1 { try comm.broadcast(&flag, bytes: 8, root: 0) }
+        if let failure { throw failure }
+        if flag != 0 { throw TrainingError("rank 0 could not \(what) (rank 0's error says why)") }
     }
 
-    /// The learning-rate schedule in optimiser steps.
+    public var stepsPerEpoch: Int { (data.train.count + config.batchSize - 1) / config.batchSize }
+    /// Steps of the whole run (train.epochs); the learning-rate schedule spans these.
+    public var plannedSteps: Int { Int((config.epochs * Double(stepsPerEpoch)).rounded(.up)) }
+    /// Where this run stops: the planned steps, or max_steps if fewer.
+    public var totalSteps: Int { config.maxSteps > 0 ? min(plannedSteps, config.maxSteps) : plannedSteps }
+
+    /// The learning-rate schedule in optimiser steps. It spans the planned run, not max_steps: a
+    /// stop is not a shorter schedule, so a run stopped early and resumed trains what one
+    /// uninterrupted run trains.
     public var schedule: LRSchedule {
         let spe = Double(stepsPerEpoch)
         let kind: LRSchedule.Kind
@@ -110,7 +147,7 @@ public final class Trainer {
         case .step: kind = .step(every: max(1, Int((config.schedule.everyEpochs * spe).rounded())), gamma: config.schedule.gamma)
         case .cosine: kind = .cosine(minimum: config.schedule.minLR)
         }
-        return LRSchedule(base: config.lr, kind: kind, warmupSteps: Int((config.schedule.warmupEpochs * spe).rounded()), totalSteps: totalSteps)
+        return LRSchedule(base: config.lr, kind: kind, warmupSteps: Int((config.schedule.warmupEpochs * spe).rounded()), totalSteps: plannedSteps)
     }
 
     /// This rank's share [lo, hi) of a global batch of `m` samples.
@@ -166,17 +203,20 @@ public final class Trainer {
 
     // MARK: - The run
 
+    /// Trains from the beginning, or with `options.resume` from a checkpoint, to `totalSteps`;
+    /// evaluates, logs and writes checkpoints on the way. Returns the run's summary.
     public func run() throws -> RunSummary {
         let out = options.outDir
-        var metrics: MetricsLog? = nil
         if isRoot {
             do { try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true) } catch {
                 throw ConfigError("\(out): cannot create the output folder: \(error.localizedDescription)")
             }
-            metrics = try MetricsLog(path: out + "/metrics.csv")
         }
         let progress = ProgressDisplay()
         let say: (String) -> Void = { [isRoot, options] s in if isRoot && !options.quiet { progress.line(s) } }
+        let resumed = try resume(say: say)
+        let start = resumed ?? RunState()
+        let metrics: MetricsLog? = isRoot ? try openMetrics(keepingStepsUpTo: resumed?.step) : nil
         let total = totalSteps
         let spe = stepsPerEpoch
         let schedule = self.schedule
@@ -184,24 +224,33 @@ public final class Trainer {
         say("tandem: \(config.source): \(graph.layerCount) layers, \(formatCount(Double(graph.parameterCount))) parameters; \(data.train.count) train / \(data.test.count) test images \(data.shape)")
         say("tandem: \(comm.size) replica\(comm.size == 1 ? "" : "s") x \(threads) thread\(threads == 1 ? "" : "s"), global batch \(config.batchSize), \(total) steps (\(String(format: "%.3g", Double(total) / Double(spe))) epochs), output \(out)")
 
-        let wallStart = Clock.now
-        var trainSeconds = 0.0
-        var step = 0
-        var lastLoss = Double.nan
+        let wallStart = Clock.now - start.wallSeconds
+        var trainSeconds = start.trainSeconds
+        var step = start.step
+        let lrOffset = start.lrStep - start.step
+        var lastLoss = start.lastTrainLoss
         var windowLoss = 0.0, windowCorrect = 0, windowSamples = 0, windowTrain = 0.0
         var epochLoss = 0.0, epochCorrect = 0, epochSamples = 0
         var testLoss = Double.nan, testAccuracy = Double.nan
-        var secondsTo90: Double? = nil
+        var secondsTo90 = start.secondsTo90
         let evalEvery = max(1, Int((config.evalEveryEpochs * Double(spe)).rounded()))
-        var samplesDone = 0
+        let checkpointsOn = config.checkpointEveryEpochs > 0 || config.checkpointEverySteps > 0
+        let checkpointEvery = config.checkpointEveryEpochs > 0 ? max(1, Int((config.checkpointEveryEpochs * Double(spe)).rounded())) : 0
+        var lastCheckpoint = resumed?.step ?? -1
+        // Samples trained so far: images/s counts the whole job, as the training seconds do.
+        var samplesDone = start.epoch * data.train.count + start.position
+        var next = start
 
-        for epoch in 0..<epochsToRun {
+        // Each epoch's order permutes the previous one (DataPipeline.shuffle), so a resumed run
+        // replays the shuffles of the epochs before its own.
+        for e in 0..<min(start.epoch, epochsToRun) { data.shuffle(epoch: e, seed: config.seed) }
+        for epoch in min(start.epoch, epochsToRun)..<epochsToRun {
             data.shuffle(epoch: epoch, seed: config.seed)
-            var pos = 0
-            var inEpoch = 0
+            var pos = epoch == start.epoch ? start.position : 0
+            var inEpoch = pos / config.batchSize
             while pos < data.train.count && step < total {
                 let m = min(config.batchSize, data.train.count - pos)
-                let lr = schedule.rate(at: step)
+                let lr = schedule.rate(at: step + lrOffset)
                 let t0 = Clock.now
                 let r = try self.step(epoch: epoch, start: pos, globalCount: m, step: step, lr: lr)
                 let dt = Clock.now - t0
@@ -240,7 +289,28 @@ public final class Trainer {
                                                testLoss: testLoss, testAccuracy: testAccuracy, wallSeconds: Clock.now - wallStart))
                     epochLoss = 0; epochCorrect = 0; epochSamples = 0
                 }
+                next.epoch = pos < data.train.count ? epoch : epoch + 1
+                next.position = pos < data.train.count ? pos : 0
+                next.step = step
+                next.lrStep = step + lrOffset
+                next.trainSeconds = trainSeconds
+                next.wallSeconds = Clock.now - wallStart
+                next.secondsTo90 = secondsTo90
+                next.lastTrainLoss = lastLoss
+                let due = (checkpointEvery > 0 && step % checkpointEvery == 0) || (config.checkpointEverySteps > 0 && step % config.checkpointEverySteps == 0)
+                if checkpointsOn && (due || step == total) {
+                    if let path = try saveCheckpoint(next) { say("tandem: wrote \(path)") }
+                    lastCheckpoint = step
+                }
             }
+        }
+        if checkpointsOn && step != lastCheckpoint {
+            next.wallSeconds = Clock.now - wallStart
+            if let path = try saveCheckpoint(next) { say("tandem: wrote \(path)") }
+        }
+        // Resumed at its end: nothing was trained, but the summary still reports the model.
+        if testLoss.isNaN {
+            (testLoss, testAccuracy) = try evaluate()
         }
         let summary = RunSummary(config: config.source, test_accuracy: testAccuracy, test_loss: testLoss, final_train_loss: lastLoss,
                                  epochs: Double(step) / Double(spe), steps: step,
@@ -258,6 +328,118 @@ public final class Trainer {
         return summary
     }
 
+    // MARK: - Checkpoints
+
+    /// With `options.resume`: finds the checkpoint on rank 0, checks that it continues this run,
+    /// and gives every rank its parameters, SGD velocity, running statistics and counters.
+    /// Returns nil when starting from the beginning.
+    func resume(say: (String) -> Void) throws -> RunState? {
+        guard let spec = options.resume else { return nil }
+        var found: (checkpoint: Checkpoint, path: String)? = nil
+        try onRoot("find a checkpoint to resume from") {
+            found = try Checkpoint.resolve(spec, outDir: options.outDir, warn: { _ = fputs($0 + "\n", stderr) }) { c, path in
+                try c.check(config: config, graph: graph, trainCount: data.train.count, path: path)
+            }
+        }
+        var counters = [Int64](repeating: 0, count: 7)
+        var times = [Double](repeating: .nan, count: 4)
+        if let c = found?.checkpoint {
+            let h = c.header
+            counters = [1, Int64(h.epoch), Int64(h.position), Int64(h.step), Int64(h.lrStep), Int64(h.worldSize), Int64(h.threads)]
+            times = [h.trainSeconds, h.wallSeconds, h.secondsTo90, h.lastTrainLoss]
+            copy(c.parameters, into: net.parameters)
+            copy(c.velocity, into: sgd.velocity)
+            copy(c.statistics, into: net.statistics)
+        }
+        if comm.size > 1 {
+            try counters.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: $0.count, root: 0) }
+            try times.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: $0.count, root: 0) }
+            if counters[0] == 1 {
+                for buffer in [net.parameters, sgd.velocity, net.statistics] where buffer.count > 0 {
+                    try comm.broadcast(UnsafeMutableRawPointer(buffer.baseAddress!), bytes: buffer.count * 4, root: 0)
+                }
+            }
+        }
+        guard counters[0] == 1 else {
+            say("tandem: --resume auto: no checkpoint in \(options.outDir); starting from the beginning")
+            return nil
+        }
+        var state = RunState()
+        state.epoch = Int(counters[1]); state.position = Int(counters[2]); state.step = Int(counters[3]); state.lrStep = Int(counters[4])
+        state.trainSeconds = times[0]; state.wallSeconds = times[1]; state.secondsTo90 = times[2].isNaN ? nil : times[2]
+        state.lastTrainLoss = times[3]
+        resumedFrom = (found?.path ?? "", state.step)
+        say("tandem: resuming from \(found?.path ?? "") at step \(state.step) (epoch \(state.epoch), \(state.position) images into its order)")
+        if counters[5] != Int64(comm.size) || counters[6] != Int64(threads) {
+            say("tandem: the checkpoint was written by \(counters[5]) replica(s) x \(counters[6]) thread(s), this run has \(comm.size) x \(threads): results match an uninterrupted run within float rounding, not bit for bit")
+        }
+        return state
+    }
+
+    private func copy(_ values: [Float], into buffer: UnsafeMutableBufferPointer<Float>) {
+        precondition(values.count == buffer.count, "checkpoint section of \(values.count) values for a buffer of \(buffer.count)")
+        if !values.isEmpty { values.withUnsafeBufferPointer { buffer.baseAddress!.update(from: $0.baseAddress!, count: values.count) } }
+    }
+
+    /// Checks on every rank that the weights and optimiser state are finite, then (rank 0) writes
+    /// the checkpoint of `state` and deletes old ones. Returns the file written (rank 0).
+    func saveCheckpoint(_ state: RunState) throws -> String? {
+        try checkFinite(step: state.step)
+        guard isRoot else { return nil }
+        var c = Checkpoint()
+        c.header.configHash = config.hash
+        c.header.worldSize = comm.size
+        c.header.threads = threads
+        c.header.epoch = state.epoch; c.header.position = state.position; c.header.step = state.step; c.header.lrStep = state.lrStep
+        c.header.seed = config.seed
+        c.header.batchSize = config.batchSize
+        c.header.trainCount = data.train.count
+        c.header.input = graph.inputShape
+        c.header.trainSeconds = state.trainSeconds; c.header.wallSeconds = state.wallSeconds; c.header.secondsTo90 = state.secondsTo90 ?? .nan
+        c.header.lastTrainLoss = state.lastTrainLoss
+        c.configText = config.text
+        c.parameters = Array(net.parameters)
+        c.velocity = Array(sgd.velocity)
+        c.statistics = Array(net.statistics)
+        let path = options.outDir + "/" + Checkpoint.fileName(step: state.step)
+        try c.write(to: path)
+        Checkpoint.prune(folder: options.outDir, keep: config.keepCheckpoints, writtenStep: state.step)
+        return path
+    }
+
+    /// Never checkpoint poisoned weights: NaN or Inf anywhere stops the run, naming the step and tensor.
+    func checkFinite(step: Int) throws {
+        let buffers: [(String, UnsafeMutableBufferPointer<Float>, [ParameterInfo])] = [
+            ("the parameters", net.parameters, graph.parameters), ("the SGD velocity", sgd.velocity, graph.parameters),
+            ("the running statistics", net.statistics, graph.statistics),
+        ]
+        for (what, buffer, infos) in buffers {
+            guard let i = buffer.firstIndex(where: { !$0.isFinite }) else { continue }
+            let tensor = infos.first { $0.offset <= i && i < $0.offset + $0.count }?.name ?? "?"
+            throw TrainingError("step \(step): \(what) hold NaN/Inf (first in '\(tensor)'), so no checkpoint was written and the run stops; the last checkpoint is still good. Lower the learning rate, or run `trainer debug` to find the first layer that produces it")
+        }
+    }
+
+    /// metrics.csv: a new file; on resume the existing file's rows up to the checkpoint's step
+    /// (rows a stopped run wrote after its last checkpoint are dropped: the resumed run writes
+    /// them again), then the resumed run's rows appended.
+    func openMetrics(keepingStepsUpTo step: Int?) throws -> MetricsLog {
+        let path = options.outDir + "/metrics.csv"
+        guard let step, let text = try? String(contentsOfFile: path, encoding: .utf8) else { return try MetricsLog(path: path) }
+        let kept = text.split(separator: "\n").dropFirst().compactMap { MetricsRow(csvLine: $0) }.filter { $0.step <= step }
+        // Written under a temporary name and renamed, so that a crash here cannot lose the history;
+        // the log keeps writing to the renamed file.
+        let tmp = options.outDir + "/.metrics.csv.resume-\(getpid())"
+        let log = try MetricsLog(path: tmp)
+        for row in kept { log.append(row) }
+        guard rename(tmp, path) == 0 else {
+            let reason = String(cString: strerror(errno))
+            unlink(tmp)
+            throw ConfigError("\(path): cannot rewrite the metrics file: \(reason)")
+        }
+        return log
+    }
+
     func writeCurves(_ rows: [MetricsRow], to path: String, epochs: Double) throws {
         let steps = rows.filter { $0.kind == .step }, evals = rows.filter { $0.kind == .eval }
         let loss = [Series(name: "train (logged steps)", color: "#1f77b4", points: steps.compactMap { r in r.trainLoss.map { (r.epoch, $0) } }),
@@ -266,6 +448,17 @@ public final class Trainer {
                    Series(name: "test", color: "#d62728", points: evals.compactMap { r in r.testAccuracy.map { (r.epoch, $0) } })]
         let svg = SVGPlot.curves(title: "\(config.source): \(comm.size) replica(s), batch \(config.batchSize)", loss: loss, accuracy: acc, epochs: max(epochs, 1))
         try writeAtomically(Data(svg.utf8), to: path)
+    }
+}
+
+extension MetricsRow {
+    /// A row read back from metrics.csv (nil for the header or a damaged line).
+    init?(csvLine line: Substring) {
+        let f = line.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard f.count == 10, let kind = Kind(rawValue: f[0]), let epoch = Double(f[1]), let step = Int(f[2]), let wall = Double(f[9]) else { return nil }
+        func v(_ i: Int) -> Double? { Double(f[i]) }
+        self.init(kind: kind, epoch: epoch, step: step, trainLoss: v(3), trainAccuracy: v(4), testLoss: v(5), testAccuracy: v(6),
+                  lr: v(7), imagesPerSecond: v(8), wallSeconds: wall)
     }
 }
 
