@@ -31,10 +31,13 @@ let syntheticData: @Sendable () throws -> DataPipeline = {
     try DataPipeline.synthetic(shape: Shape(1, 28, 28), classes: 10, train: 512, test: 64, seed: 11)
 }
 
-func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
-    var worst: Float = 0
-    for i in a.indices { worst = max(worst, abs(a[i] - b[i]) / max(abs(a[i]), abs(b[i]), 1e-3)) }
-    return worst
+/// ||a - b|| / ||a||: float rounding differs with the number of ranks (sums in another order) and
+/// is amplified by ReLU and max-pool switches over a few steps, so single elements near zero can
+/// differ by more than their size while the parameters as a whole agree to 1e-5 or so.
+func relativeDifference(_ a: [Float], _ b: [Float]) -> Double {
+    var d = 0.0, n = 0.0
+    for i in a.indices { let x = Double(a[i]), y = Double(b[i]); d += (x - y) * (x - y); n += x * x }
+    return (d / max(n, 1e-30)).squareRoot()
 }
 
 @Suite struct DistributedTests {
@@ -45,7 +48,7 @@ func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
         let many = try trainInProcess(c, ranks: ranks, steps: 8, data: syntheticData)
         #expect(one.losses.count == 8 && many.losses.count == 8)
         for (a, b) in zip(one.losses, many.losses) { #expect(abs(a - b) <= 1e-4 * abs(a), "losses \(one.losses) vs \(many.losses)") }
-        #expect(maxRelativeDifference(one.parameters, many.parameters) < 1e-3)
+        #expect(relativeDifference(one.parameters, many.parameters) < 1e-4)
     }
 
     @Test func syncBatchNormMatchesOneProcess() throws {
@@ -53,8 +56,13 @@ func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
         c.parallel.syncBN = true
         let one = try trainInProcess(c, ranks: 1, steps: 6, data: syntheticData)
         let two = try trainInProcess(c, ranks: 2, steps: 6, data: syntheticData)
-        for (a, b) in zip(one.losses, two.losses) { #expect(abs(a - b) <= 1e-4 * abs(a), "losses \(one.losses) vs \(two.losses)") }
-        #expect(maxRelativeDifference(one.parameters, two.parameters) < 1e-3)
+        for (a, b) in zip(one.losses, two.losses) { #expect(abs(a - b) <= 1e-5 * abs(a), "losses \(one.losses) vs \(two.losses)") }
+        // Parameters after two steps differ only by rounding (measured 1e-8). Later, a ReLU just after
+        // batch norm flipping on a rounding difference moves a few weights by 1e-4 (random labels, lr 0.05).
+        let oneEarly = try trainInProcess(c, ranks: 1, steps: 2, data: syntheticData)
+        let twoEarly = try trainInProcess(c, ranks: 2, steps: 2, data: syntheticData)
+        #expect(relativeDifference(oneEarly.parameters, twoEarly.parameters) < 1e-6)
+        #expect(relativeDifference(one.parameters, two.parameters) < 1e-3)
     }
 
     @Test func sameSeedSameWorldIsBitIdentical() throws {
