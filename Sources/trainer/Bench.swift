@@ -14,7 +14,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Write the results as JSON to this file.") var json: String?
     @Flag(help: "Random images of the config's shape instead of the dataset.") var synthetic = false
     @Flag(name: .customLong("per-layer"), help: "Print forward and backward time and GFLOP/s per layer.") var perLayer = false
-    @Option(name: .customLong("gradient-sync"), help: "overlap or after.") var gradientSync: String = "overlap"
+    @Option(name: .customLong("gradient-sync"), help: "after (default: one allreduce after backward) or overlap (buckets allreduced while backward runs).") var gradientSync: String = "after"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 1024
 
     mutating func validate() throws {

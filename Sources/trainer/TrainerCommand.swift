@@ -20,6 +20,8 @@ struct CommonOptions: ParsableArguments {
     var seed: Int?
     @Option(help: "Threads per process that split the batch (overrides parallel.threads; default: the cores / ranks on this machine).")
     var threads: Int?
+    @Option(help: "Towers the model is split into (overrides parallel.towers); the world is replicas x towers.")
+    var towers: Int?
     @Option(name: .customLong("init-weights"), help: "Start from these weights (a safetensors file, e.g. from `trainer export`) instead of the initialiser.")
     var initWeights: String?
 
@@ -37,6 +39,10 @@ struct CommonOptions: ParsableArguments {
         if let threads {
             guard threads > 0 else { throw ValidationError("--threads must be positive, got \(threads)") }
             c.parallel.threads = threads
+        }
+        if let towers {
+            guard towers > 0 else { throw ValidationError("--towers must be positive, got \(towers)") }
+            c.parallel.towers = towers
         }
         return c
     }
@@ -108,7 +114,7 @@ struct Train: ParsableCommand {
                                valueName: "file|dir|auto")) var resume: String?
     @Option(name: .customLong("summary-json"), help: "Also write summary.json to this file.") var summaryJSON: String?
     @Option(name: .customLong("gradient-sync"), help: "overlap: allreduce buckets while backward runs; after: one allreduce after backward.")
-    var gradientSync: String = "overlap"
+    var gradientSync: String = "after"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 1024
     @Flag(help: "Print only errors and the final line.") var quiet = false
 

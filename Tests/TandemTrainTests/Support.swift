@@ -43,7 +43,8 @@ func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, data: @escaping 
             let r = try t.step(epoch: 0, start: s * c.batchSize, globalCount: c.batchSize, step: s, lr: c.lr)
             losses.append(r.loss)
         }
-        if comm.rank == 0 { box.losses = losses; box.params = Array(t.net.parameters) }
+        let whole = try t.wholeModel(t.net.parameters, tensors: \.parameters)
+        if comm.rank == 0 { box.losses = losses; box.params = whole }
     }
     return (box.losses, box.params)
 }

@@ -35,20 +35,21 @@ public func linearBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>?, dWeight: U
     }
 }
 
-/// Inverted dropout mask for samples [firstSample, firstSample + n) of `features` each: keep with
+/// Inverted dropout mask for samples [firstSample, firstSample + n) of `features` each (the slice
+/// starting at `featureOffset` of a tower-split layer's features): keep with
 /// probability 1 - rate and scale by 1/(1 - rate). Each bit depends only on (seed, salt, step,
 /// global sample, feature), so the mask of a sample is the same whichever thread or rank holds it.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func dropoutMask<T: Scalar>(_ mask: UnsafeMutablePointer<T>, rate: Double, seed: UInt64, salt: UInt64, step: Int,
-                                   firstSample: Int, n: Int, features: Int) {
+                                   firstSample: Int, n: Int, features: Int, featureOffset: Int = 0) {
     let keep = T(1 / (1 - rate))
     let threshold = Float(rate)
     for b in 0..<n {
         let sample = UInt64(firstSample + b)
         let row = mask + b * features
         for j in 0..<features {
-            row[j] = counterUniform(seed, salt, UInt64(step), sample &* 0x1_0000_0000 &+ UInt64(j)) < threshold ? 0 : keep
+            row[j] = counterUniform(seed, salt, UInt64(step), sample &* 0x1_0000_0000 &+ UInt64(featureOffset + j)) < threshold ? 0 : keep
         }
     }
 }

@@ -7,8 +7,11 @@
 
 public struct LRNParameters: Sendable {
     public var size: Int, alpha: Double, beta: Double, k: Double
-    public init(size: Int, alpha: Double, beta: Double, k: Double) {
-        self.size = size; self.alpha = alpha; self.beta = beta; self.k = k
+    /// Channel groups: the window is clipped to the group of c (the towers of a split model
+    /// normalise their own maps, as in cuda-convnet's two-GPU AlexNet).
+    public var groups: Int
+    public init(size: Int, alpha: Double, beta: Double, k: Double, groups: Int = 1) {
+        self.size = size; self.alpha = alpha; self.beta = beta; self.k = k; self.groups = groups
     }
     var before: Int { size / 2 }
     var after: Int { (size - 1) / 2 }
@@ -30,8 +33,10 @@ public func lrnForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, scale: UnsafeMut
     let quarter = p.beta == 0.75
     for b in 0..<n {
         let xs = x + b * channels * plane, ss = scale + b * channels * plane, ys = y + b * channels * plane
+        let groupSize = channels / p.groups
         for c in 0..<channels {
-            let lo = max(0, c - p.before), hi = min(channels - 1, c + p.after)
+            let g0 = c / groupSize * groupSize
+            let lo = max(g0, c - p.before), hi = min(g0 + groupSize - 1, c + p.after)
             let s = ss + c * plane
             s.update(repeating: 0, count: plane)
             for cc in lo...hi {
@@ -60,9 +65,11 @@ public func lrnBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>, ratio: UnsafeM
     for b in 0..<n {
         let off = b * m
         for i in 0..<m { ratio[i] = dy[off + i] * y[off + i] / scale[off + i] }
+        let groupSize = channels / p.groups
         for c in 0..<channels {
-            // c lies in the window of c' when c' - before <= c <= c' + after.
-            let lo = max(0, c - p.after), hi = min(channels - 1, c + p.before)
+            // c lies in the window of c' (in the same group) when c' - before <= c <= c' + after.
+            let g0 = c / groupSize * groupSize
+            let lo = max(g0, c - p.after), hi = min(g0 + groupSize - 1, c + p.before)
             let d = dx + off + c * plane
             let xr = x + off + c * plane, sr = scale + off + c * plane, gr = dy + off + c * plane
             for i in 0..<plane { d[i] = 0 }

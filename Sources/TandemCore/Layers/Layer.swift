@@ -74,7 +74,7 @@ public class Layer<T: Scalar> {
 }
 
 /// Creates the layer object for a node of the graph.
-func makeLayer<T: Scalar>(_ node: Node, capacity: Int, reducer: StatisticsReducer?) -> Layer<T> {
+func makeLayer<T: Scalar>(_ node: Node, capacity: Int, reducer: StatisticsReducer?, exchange: TowerExchange?) -> Layer<T> {
     switch node.kind! {
     case let .convolution(outC, window, groups, bias):
         return ConvolutionLayer(node: node, capacity: capacity, geometry: ConvGeometry(input: node.inputShapes[0], outChannels: outC, window: window, groups: groups), bias: bias)
@@ -93,7 +93,7 @@ func makeLayer<T: Scalar>(_ node: Node, capacity: Int, reducer: StatisticsReduce
     case .tanh:
         return ActivationLayer(node: node, capacity: capacity, function: .tanh)
     case let .lrn(size, alpha, beta, k):
-        return LRNLayer(node: node, capacity: capacity, parameters: LRNParameters(size: size, alpha: alpha, beta: beta, k: k))
+        return LRNLayer(node: node, capacity: capacity, parameters: LRNParameters(size: size, alpha: alpha, beta: beta, k: k, groups: node.channelGroups))
     case let .batchNorm(eps, momentum):
         return BatchNormLayer(node: node, capacity: capacity, eps: eps, momentum: momentum, reducer: reducer)
     case let .dropout(rate):
@@ -106,5 +106,8 @@ func makeLayer<T: Scalar>(_ node: Node, capacity: Int, reducer: StatisticsReduce
         return ConcatLayer(node: node, capacity: capacity)
     case .add:
         return AddLayer(node: node, capacity: capacity)
+    case let .towerGather(tower, slices, sumGradients):
+        guard let exchange else { preconditionFailure("layer '\(node.name)': a tower gather needs a TowerExchange") }
+        return TowerGatherLayer(node: node, capacity: capacity, tower: tower, slices: slices, sumGradients: sumGradients, exchange: exchange)
     }
 }

@@ -120,7 +120,8 @@ final class DropoutLayer<T: Scalar>: Layer<T> {
         let count = c.count * inShape.count
         active = c.training && rate > 0
         guard active else { y0(c).update(from: x0(c), count: count); return }
-        dropoutMask(mask, rate: rate, seed: c.seed, salt: salt, step: c.step, firstSample: c.globalOffset + c.start, n: c.count, features: inShape.count)
+        dropoutMask(mask, rate: rate, seed: c.seed, salt: salt, step: c.step, firstSample: c.globalOffset + c.start, n: c.count,
+                    features: inShape.count, featureOffset: node.channelOffset * inShape.plane)
         multiply(y0(c), x0(c), mask, count: count)
     }
     override func backward(_ c: PassContext) {
@@ -264,5 +265,79 @@ final class AddLayer<T: Scalar>: Layer<T> {
     override func backward(_ c: PassContext) {
         let n = c.count * outShape.count
         for d in dx { d.map { ($0 + c.start * outShape.count).update(from: dy0(c), count: n) } }
+    }
+}
+
+// MARK: - Towers
+
+/// Where the towers of a split model exchange activations (allgather forward, reduce-scatter
+/// backward). Implemented over the tower group's communicator; counts what it moves.
+public protocol TowerExchange: AnyObject {
+    /// Each tower contributes `bytes`; `receive` then holds towers * bytes in tower order.
+    func allgather(_ send: UnsafeRawPointer, bytes: Int, into receive: UnsafeMutableRawPointer)
+    /// `send` holds towers * count floats; this tower receives the sum over towers of its block.
+    func reduceScatter(_ send: UnsafePointer<Float>, into receive: UnsafeMutablePointer<Float>, count: Int)
+}
+
+final class TowerGatherLayer<T: Scalar>: Layer<T> {
+    let tower: Int
+    let slices: [Int]
+    let offsets: [Int]
+    let widest: Int
+    let sumGradients: Bool
+    unowned let exchange: TowerExchange
+    var send: UnsafeMutablePointer<T>!
+    var receive: UnsafeMutablePointer<T>!
+
+    init(node: Node, capacity: Int, tower: Int, slices: [Int], sumGradients: Bool, exchange: TowerExchange) {
+        self.tower = tower
+        self.slices = slices
+        var o: [Int] = [], acc = 0
+        for s in slices { o.append(acc); acc += s }
+        offsets = o
+        widest = slices.max() ?? 0
+        self.sumGradients = sumGradients
+        self.exchange = exchange
+        super.init(node: node, capacity: capacity)
+        let block = capacity * widest * node.outputShape.plane
+        send = own(allocateZeroed(T.self, count: slices.count * block))
+        receive = own(allocateZeroed(T.self, count: slices.count * block))
+    }
+
+    override func forward(_ c: PassContext) {
+        // Blocks are padded to the widest slice so that every tower sends the same number of bytes.
+        let plane = outShape.plane, n = c.count
+        let block = n * widest * plane
+        send.update(from: x0(c), count: n * slices[tower] * plane)
+        exchange.allgather(send, bytes: block * MemoryLayout<T>.stride, into: receive)
+        let y = y0(c), out = outShape.count
+        for u in 0..<slices.count {
+            let width = slices[u] * plane
+            let src = receive + u * block
+            for b in 0..<n { (y + b * out + offsets[u] * plane).update(from: src + b * width, count: width) }
+        }
+    }
+
+    override func backward(_ c: PassContext) {
+        guard let d = dx0(c) else { return }
+        let plane = outShape.plane, n = c.count, out = outShape.count
+        let dy = dy0(c)
+        let mine = slices[tower] * plane
+        if !sumGradients {
+            // Every tower computed the same whole gradient (the loss sees all logits): keep our slice.
+            for b in 0..<n { (d + b * mine).update(from: dy + b * out + offsets[tower] * plane, count: mine) }
+            return
+        }
+        let block = n * widest * plane
+        for u in 0..<slices.count {
+            let width = slices[u] * plane
+            let dst = send + u * block
+            for b in 0..<n { (dst + b * width).update(from: dy + b * out + offsets[u] * plane, count: width) }
+        }
+        precondition(T.self == Float.self, "towers exchange Float32 gradients")
+        send.withMemoryRebound(to: Float.self, capacity: slices.count * block) { s in
+            receive.withMemoryRebound(to: Float.self, capacity: block) { r in exchange.reduceScatter(s, into: r, count: block) }
+        }
+        d.update(from: receive, count: n * mine)
     }
 }

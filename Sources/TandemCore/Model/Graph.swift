@@ -35,6 +35,9 @@ public struct Node: Sendable {
     /// Multiply-adds times two, per sample, forward only.
     public var flopsPerSample: Int
     public var towerInput: TowerInput
+    /// See `LayerSpec.channelGroups` and `LayerSpec.channelOffset`.
+    public var channelGroups: Int
+    public var channelOffset: Int
 }
 
 public struct Graph: Sendable {
@@ -61,7 +64,8 @@ public struct Graph: Sendable {
         guard !layers.isEmpty else { throw ModelError("the model has no layers") }
         inputShape = input
         var nodes = [Node(index: 0, name: "data", kind: nil, inputs: [], inputShapes: [], outputShape: input,
-                          parameterRange: 0..<0, statisticsRange: 0..<0, flopsPerSample: 0, towerInput: .own)]
+                          parameterRange: 0..<0, statisticsRange: 0..<0, flopsPerSample: 0, towerInput: .own,
+                          channelGroups: 1, channelOffset: 0)]
         var byName = ["data": 0]
         var params: [ParameterInfo] = []
         var stats: [ParameterInfo] = []
@@ -85,6 +89,7 @@ public struct Graph: Sendable {
             let inShapes = inputs.map { nodes[$0].outputShape }
             let multiInput: Bool
             switch spec.kind { case .concat, .add: multiInput = true; default: multiInput = false }
+            guard spec.channelGroups >= 1 else { throw fail("channel groups must be positive") }
             if !multiInput && inputs.count != 1 { throw fail("takes exactly one input, got \(inputs.count)") }
             if multiInput && inputs.count < 2 { throw fail("needs at least two inputs") }
             let x = inShapes[0]
@@ -135,6 +140,7 @@ public struct Graph: Sendable {
                 flops = x.count
             case let .lrn(size, alpha, beta, k):
                 guard size > 0 else { throw fail("size must be positive, got \(size)") }
+                guard x.channels % spec.channelGroups == 0 else { throw fail("\(x.channels) channels are not divisible into \(spec.channelGroups) groups") }
                 guard alpha >= 0, beta >= 0, k > 0 else { throw fail("needs alpha >= 0, beta >= 0 and k > 0") }
                 flops = x.count * (size + 4)
             case let .batchNorm(eps, momentum):
@@ -168,6 +174,11 @@ public struct Graph: Sendable {
                     throw fail("input '\(nodes[inputs[i]].name)' is \(s), but add needs every input to be \(x)")
                 }
                 flops = x.count * (inputs.count - 1)
+            case let .towerGather(tower, slices, _):
+                guard slices.indices.contains(tower), slices[tower] == x.channels else {
+                    throw fail("tower \(tower) holds \(x.channels) channels, not the \(slices) the gather expects")
+                }
+                out = Shape(slices.reduce(0, +), x.height, x.width)
             }
             guard out.count > 0 else { throw fail("output shape \(out) is empty") }
 
@@ -193,7 +204,7 @@ public struct Graph: Sendable {
             }
             nodes.append(Node(index: index, name: name, kind: spec.kind, inputs: inputs, inputShapes: inShapes,
                               outputShape: out, parameterRange: pStart..<params.count, statisticsRange: sStart..<stats.count,
-                              flopsPerSample: flops, towerInput: tower))
+                              flopsPerSample: flops, towerInput: tower, channelGroups: spec.channelGroups, channelOffset: spec.channelOffset))
             byName[name] = index
         }
 

@@ -78,6 +78,11 @@ public enum LayerKind: Equatable, Sendable {
     case concat
     /// Elementwise sum (residual shortcuts).
     case add
+    /// Model parallelism: gathers the slices of a feature map that the towers hold (`slices[u]`
+    /// channels on tower u; this is tower `tower`) into the whole map. Backward sums the towers'
+    /// input gradients back to their owners (reduce-scatter), or, for the logits that every tower's
+    /// loss sees whole (`sumGradients` false), keeps this tower's slice. Inserted by `TowerPlan`.
+    case towerGather(tower: Int, slices: [Int], sumGradients: Bool)
 
     public var typeName: String {
         switch self {
@@ -96,6 +101,7 @@ public enum LayerKind: Equatable, Sendable {
         case .flatten: "flatten"
         case .concat: "concat"
         case .add: "add"
+        case .towerGather: "tower_gather"
         }
     }
 }
@@ -109,6 +115,12 @@ public struct LayerSpec: Sendable {
     /// For models split into towers: where this layer's input comes from. nil: `own` for layers without
     /// parameters, `all` for parameterised layers unless they are grouped convolutions.
     public var towerInput: TowerInput?
+    /// Channel groups of channel-coupled layers without parameters (LRN): its window stays inside
+    /// a group, as when the towers of a split model normalise their own maps.
+    public var channelGroups = 1
+    /// In a tower's share of a split model: the first channel of this layer's slice in the whole layer
+    /// (keys dropout masks by global neuron).
+    public var channelOffset = 0
     public init(name: String, kind: LayerKind, inputs: [String] = [], towerInput: TowerInput? = nil) {
         self.name = name; self.kind = kind; self.inputs = inputs; self.towerInput = towerInput
     }

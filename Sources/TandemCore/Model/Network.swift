@@ -65,8 +65,12 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     ///   - capacity: the largest local batch; workspaces are sized for it once.
     ///   - parts: threads that split each batch (1 when ranks fill the cores).
     ///   - inputGradient: also compute the gradient of the input (the gradient checker needs it).
-    public init(graph: Graph, capacity: Int, parts: Int = 1, loss: LossKind = .softmaxCrossEntropy, inputGradient: Bool = false) {
+    ///   - exchange: where tower gathers meet the other towers (models split into towers only).
+    public init(graph: Graph, capacity: Int, parts: Int = 1, loss: LossKind = .softmaxCrossEntropy, inputGradient: Bool = false,
+                exchange: TowerExchange? = nil) {
         precondition(capacity > 0 && parts > 0)
+        precondition(parts == 1 || !graph.nodes.contains { if case .towerGather? = $0.kind { return true } else { return false } },
+                     "a tower of a split model runs on one thread")
         self.graph = graph
         self.capacity = capacity
         self.parts = parts
@@ -109,7 +113,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         for p in 0..<parts {
             var row: [Layer<T>] = []
             for node in graph.nodes.dropFirst() {
-                let layer: Layer<T> = makeLayer(node, capacity: partCapacity, reducer: reducer)
+                let layer: Layer<T> = makeLayer(node, capacity: partCapacity, reducer: reducer, exchange: exchange)
                 layer.x = node.inputs.map { acts[$0] }
                 layer.dx = node.inputs.map { input in
                     guard let g = grads[input] else { return nil }

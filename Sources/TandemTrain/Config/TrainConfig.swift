@@ -43,6 +43,9 @@ public struct ParallelConfig: Sendable, Equatable {
     public var threads: Int = 0
     /// Batch norm statistics summed over every rank (N ranks then compute what one process computes).
     public var syncBN: Bool = false
+    /// Model parallelism: every parameterised layer's outputs split over this many ranks (AlexNet's
+    /// towers); the world is replicas x towers. One process runs the whole (grouped) model.
+    public var towers: Int = 1
 }
 
 public struct TrainConfig: Sendable {
@@ -81,7 +84,7 @@ public struct TrainConfig: Sendable {
     /// (max_steps), the data folder or the threads: a run stopped early, moved to another
     /// machine or resumed with another layout is still the same experiment.
     public var hash: UInt64 {
-        stableHash(text + "\n# effective: epochs \(epochs), batch_size \(batchSize), seed \(seed), lr \(lr)")
+        stableHash(text + "\n# effective: epochs \(epochs), batch_size \(batchSize), seed \(seed), lr \(lr), towers \(parallel.towers)")
     }
 }
 
@@ -280,10 +283,11 @@ extension TrainConfig {
     }
 
     static func parseParallel(_ v: YAMLValue, into c: inout TrainConfig) throws {
-        let f = try v.fields(["threads", "sync_bn"])
+        let f = try v.fields(["threads", "sync_bn", "towers"])
         if let x = f["threads"] {
             if case let .scalar(s) = x.node, s.string == "auto" { c.parallel.threads = 0 } else { c.parallel.threads = try x.positiveInt() }
         }
         if let x = f["sync_bn"] { c.parallel.syncBN = try x.bool() }
+        if let x = f["towers"] { c.parallel.towers = try x.positiveInt() }
     }
 }

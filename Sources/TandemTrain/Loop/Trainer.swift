@@ -12,7 +12,8 @@ public struct RunOptions: Sendable {
     /// An extra copy of summary.json.
     public var summaryJSON: String?
     public var quiet = false
-    public var gradientMode: GradientSync.Mode = .overlap
+    /// `after` by default: on 2-core machines MPI_Iallreduce progressed between layers cost more CPU than it hid (see README).
+    public var gradientMode: GradientSync.Mode = .after
     public var bucketKB = 1024
     /// Cores on this machine and the ranks sharing it (for threads: auto).
     public var cores = ProcessInfo.processInfo.activeProcessorCount
@@ -46,15 +47,28 @@ public struct TrainingError: Error, CustomStringConvertible {
 
 public final class Trainer {
     public let config: TrainConfig
+    /// The world: replicas x towers ranks, rank = replica * towers + tower.
     public let comm: Communicator
+    /// Ranks that hold the same tower (all ranks without towers): they average gradients.
+    public let replicaComm: Communicator
+    /// Ranks that hold the towers of one replica (nil without towers): they exchange activations.
+    public let towerComm: Communicator?
     public let data: DataPipeline
+    /// The split of the model (towers: 1 means none); `global` is the whole model.
+    public let plan: TowerPlan
+    /// What this rank runs: its tower's share, or the whole model.
     public let graph: Graph
     public let net: Network<Float>
     public let sgd: SGD<Float>
     public let sync: GradientSync
     public let options: RunOptions
     public let threads: Int
-    public var replicas: Int { comm.size }
+    public let exchange: CommTowerExchange?
+    public var replicas: Int { replicaComm.size }
+    public var replica: Int { replicaComm.rank }
+    /// Towers this run splits the model into (1 when it runs the whole model in one rank).
+    public var towers: Int { towerComm?.size ?? 1 }
+    public var tower: Int { towerComm?.rank ?? 0 }
     public var localBatch: Int { config.batchSize / replicas }
     var isRoot: Bool { comm.rank == 0 }
     /// The checkpoint `run()` resumed from (its path on rank 0, "" on other ranks) and its step.
@@ -68,23 +82,43 @@ public final class Trainer {
         if let input = config.input, input != data.shape {
             throw ConfigError("\(config.source): model.input is \(input) but the dataset's images are \(data.shape)")
         }
-        graph = try Graph(input: data.shape, layers: config.layers)
-        guard graph.outputShape.count == data.train.classes else {
-            throw ConfigError("\(config.source): the last layer '\(graph.nodes.last!.name)' has \(graph.outputShape.count) outputs but the dataset has \(data.train.classes) classes")
+        // The model is the config's (grouped by its towers); one rank runs it whole, several split
+        // it into replicas x towers.
+        plan = try TowerPlan(input: data.shape, layers: config.layers, towers: config.parallel.towers)
+        let wanted = comm.size > 1 ? config.parallel.towers : 1
+        guard plan.global.outputShape.count == data.train.classes else {
+            throw ConfigError("\(config.source): the last layer '\(plan.global.nodes.last!.name)' has \(plan.global.outputShape.count) outputs but the dataset has \(data.train.classes) classes")
         }
-        guard config.batchSize % comm.size == 0 else {
-            throw ConfigError("\(config.source): train.batch_size \(config.batchSize) is not divisible by the \(comm.size) replicas (the batch size is the global batch; each replica takes batch/\(comm.size))")
+        guard comm.size % wanted == 0 else {
+            throw ConfigError("\(config.source): world size \(comm.size) does not fit parallel.towers \(wanted): run a multiple of \(wanted) ranks (replicas x towers), or set --towers")
+        }
+        if wanted > 1 {
+            let t = try comm.split(color: comm.rank / wanted, key: comm.rank)
+            towerComm = t
+            replicaComm = try comm.split(color: comm.rank % wanted, key: comm.rank)
+            let e = CommTowerExchange(comm: t)
+            exchange = e
+            graph = plan.local[t.rank]
+        } else {
+            towerComm = nil
+            replicaComm = comm
+            exchange = nil
+            graph = plan.global
+        }
+        let replicas = replicaComm.size
+        guard config.batchSize % replicas == 0 else {
+            throw ConfigError("\(config.source): train.batch_size \(config.batchSize) is not divisible by the \(replicas) replicas (the batch size is the global batch; each replica takes batch/\(replicas))")
         }
         let auto = max(1, options.cores / max(1, options.ranksOnThisMachine))
-        threads = min(config.parallel.threads > 0 ? config.parallel.threads : auto, max(1, config.batchSize / comm.size))
+        threads = wanted > 1 ? 1 : min(config.parallel.threads > 0 ? config.parallel.threads : auto, max(1, config.batchSize / replicas))
         BLAS.setThreads(1)
-        net = Network(graph: graph, capacity: config.batchSize / comm.size, parts: threads, loss: config.loss)
+        net = Network(graph: graph, capacity: config.batchSize / replicas, parts: threads, loss: config.loss, exchange: exchange)
         net.seed = config.seed
         sgd = SGD(graph: graph, settings: config.sgd)
-        sync = GradientSync(comm: comm, graph: graph, gradients: net.gradients, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024)
+        sync = GradientSync(comm: replicaComm, graph: graph, gradients: net.gradients, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024)
         net.observer = sync
-        if config.parallel.syncBN && comm.size > 1 {
-            let c = comm
+        if config.parallel.syncBN && replicas > 1 {
+            let c = replicaComm
             net.reducer.crossRank = { values, count in
                 do { try c.allreduceSum(values, count: count) } catch {
                     fputs("tandem: rank \(c.rank): \(error)\n", stderr)
@@ -93,17 +127,51 @@ public final class Trainer {
             }
         }
         try checkSameConfig()
-        // Rank 0 initialises (or loads --init-weights) and broadcasts parameters and running statistics.
-        if isRoot { Initializer.initialize(net, scheme: config.initScheme, seed: config.seed) }
-        if let weights = options.initWeights {
-            try onRoot("read the --init-weights file") {
-                _ = try ModelWeights.load(path: weights, graph: graph, parameters: net.parameters, statistics: net.statistics)
+        // Rank 0 initialises (or loads --init-weights) the whole model and broadcasts it; each
+        // rank keeps its tower's slices.
+        var parameters = [Float](repeating: 0, count: plan.global.parameterCount)
+        var statistics = [Float](repeating: 0, count: plan.global.statisticsCount)
+        let global = plan.global
+        try parameters.withUnsafeMutableBufferPointer { p in
+            try statistics.withUnsafeMutableBufferPointer { st in
+                if isRoot { Initializer.initialize(parameters: p, statistics: st, graph: global, scheme: config.initScheme, seed: config.seed) }
+                if let weights = options.initWeights {
+                    try onRoot("read the --init-weights file") {
+                        _ = try ModelWeights.load(path: weights, graph: global, parameters: p, statistics: st)
+                    }
+                }
             }
         }
-        try comm.broadcast(UnsafeMutableRawPointer(net.parameters.baseAddress!), bytes: net.parameters.count * 4, root: 0)
-        if net.statistics.count > 0 {
-            try comm.broadcast(UnsafeMutableRawPointer(net.statistics.baseAddress!), bytes: net.statistics.count * 4, root: 0)
+        if comm.size > 1 {
+            try parameters.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: $0.count, root: 0) }
+            if !statistics.isEmpty { try statistics.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: $0.count, root: 0) } }
         }
+        loadGlobal(parameters, into: net.parameters, tensors: \.parameters)
+        loadGlobal(statistics, into: net.statistics, tensors: \.statistics)
+    }
+
+    /// Copies a whole-model buffer (laid out as `plan.global`) into this rank's buffer.
+    func loadGlobal(_ values: [Float], into buffer: UnsafeMutableBufferPointer<Float>, tensors: KeyPath<Graph, [ParameterInfo]>) {
+        precondition(values.count == plan.global[keyPath: tensors].reduce(0) { $0 + $1.count }, "a whole-model section of \(values.count) values")
+        guard !values.isEmpty else { return }
+        values.withUnsafeBufferPointer { v in
+            if towerComm == nil { buffer.baseAddress!.update(from: v.baseAddress!, count: values.count) } else {
+                plan.scatter(v.baseAddress!, into: buffer.baseAddress!, tensors: tensors, tower: tower)
+            }
+        }
+    }
+
+    /// This rank's buffer as a whole-model buffer: the towers' slices put together (on every rank of a tower group).
+    func wholeModel(_ buffer: UnsafeMutableBufferPointer<Float>, tensors: KeyPath<Graph, [ParameterInfo]>) throws -> [Float] {
+        guard let towerComm else { return Array(buffer) }
+        var whole = [Float](repeating: 0, count: plan.global[keyPath: tensors].reduce(0) { $0 + $1.count })
+        guard !whole.isEmpty else { return whole }
+        // Slices are disjoint: summing zero-filled copies assembles the whole exactly.
+        try whole.withUnsafeMutableBufferPointer { w in
+            plan.gather(buffer.baseAddress!, into: w.baseAddress!, tensors: tensors, tower: tower)
+            try towerComm.allreduceSum(w.baseAddress!, count: w.count)
+        }
+        return whole
     }
 
     /// Every rank must run the same experiment: compare the config hashes and the world layout.
@@ -151,7 +219,7 @@ public final class Trainer {
     }
 
     /// This rank's share [lo, hi) of a global batch of `m` samples.
-    public func share(of m: Int) -> Range<Int> { (m * comm.rank / comm.size)..<(m * (comm.rank + 1) / comm.size) }
+    public func share(of m: Int) -> Range<Int> { (m * replica / replicas)..<(m * (replica + 1) / replicas) }
 
     /// One optimiser step on global positions [start, start + m) of the epoch's order. Returns the
     /// global mean loss and the correct count over the global batch.
@@ -164,8 +232,9 @@ public final class Trainer {
         let r = net.trainStep(count: mine.count, lossScale: 1 / Double(m), step: step)
         if let timing { let t = Clock.now; timing.compute += t - t0; t0 = t }
         try sync.finish()
+        // Within a tower group every rank computed the same loss (the loss sees all logits).
         var stats: [Double] = [r.loss, Double(r.correct)]
-        if comm.size > 1 { try comm.allreduceSum(&stats, count: 2) }
+        if replicas > 1 { try replicaComm.allreduceSum(&stats, count: 2) }
         if let timing { let t = Clock.now; timing.allreduce += t - t0; t0 = t }
         guard stats[0].isFinite else {
             throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf); lower the learning rate, or run `trainer debug` to find the first layer that produces it")
@@ -178,7 +247,7 @@ public final class Trainer {
     /// Test loss and accuracy: the test set is sharded over the ranks and the sums reduced.
     public func evaluate() throws -> (loss: Double, accuracy: Double) {
         let n = data.test.count
-        let mine = (n * comm.rank / comm.size)..<(n * (comm.rank + 1) / comm.size)
+        let mine = (n * replica / replicas)..<(n * (replica + 1) / replicas)
         var loss = 0.0, correct = 0.0
         var i = mine.lowerBound
         while i < mine.upperBound {
@@ -190,15 +259,16 @@ public final class Trainer {
             i += k
         }
         var sums = [loss, correct]
-        if comm.size > 1 { try comm.allreduceSum(&sums, count: 2) }
+        if replicas > 1 { try replicaComm.allreduceSum(&sums, count: 2) }
         return (sums[0] / Double(n), sums[1] / Double(n))
     }
 
-    /// L2 norm of all parameters, in Double.
-    public var parameterNorm: Double {
-        var s = 0.0
-        for v in net.parameters { s += Double(v) * Double(v) }
-        return s.squareRoot()
+    /// L2 norm of all parameters of the whole model, in Double.
+    public func parameterNorm() throws -> Double {
+        var s = [0.0]
+        for v in net.parameters { s[0] += Double(v) * Double(v) }
+        if let towerComm { try towerComm.allreduceSum(&s, count: 1) }
+        return s[0].squareRoot()
     }
 
     // MARK: - The run
@@ -222,7 +292,7 @@ public final class Trainer {
         let schedule = self.schedule
         let epochsToRun = Int((Double(total) / Double(spe)).rounded(.up))
         say("tandem: \(config.source): \(graph.layerCount) layers, \(formatCount(Double(graph.parameterCount))) parameters; \(data.train.count) train / \(data.test.count) test images \(data.shape)")
-        say("tandem: \(comm.size) replica\(comm.size == 1 ? "" : "s") x \(threads) thread\(threads == 1 ? "" : "s"), global batch \(config.batchSize), \(total) steps (\(String(format: "%.3g", Double(total) / Double(spe))) epochs), output \(out)")
+        say("tandem: \(replicas) replica\(replicas == 1 ? "" : "s")\(towers > 1 ? " x \(towers) towers" : "") x \(threads) thread\(threads == 1 ? "" : "s"), global batch \(config.batchSize), \(total) steps (\(String(format: "%.3g", Double(total) / Double(spe))) epochs), output \(out)")
 
         let wallStart = Clock.now - start.wallSeconds
         var trainSeconds = start.trainSeconds
@@ -316,7 +386,7 @@ public final class Trainer {
                                  epochs: Double(step) / Double(spe), steps: step,
                                  images_per_second: Double(samplesDone) / max(trainSeconds, 1e-9),
                                  train_seconds: trainSeconds, wall_seconds: Clock.now - wallStart, world_size: comm.size, threads: threads,
-                                 batch_size: config.batchSize, param_norm: parameterNorm, parameters: graph.parameterCount, seed: config.seed,
+                                 batch_size: config.batchSize, param_norm: try parameterNorm(), parameters: plan.global.parameterCount, seed: config.seed,
                                  seconds_to_90: secondsTo90)
         if isRoot {
             try summary.write(to: out + "/summary.json")
@@ -338,27 +408,34 @@ public final class Trainer {
         var found: (checkpoint: Checkpoint, path: String)? = nil
         try onRoot("find a checkpoint to resume from") {
             found = try Checkpoint.resolve(spec, outDir: options.outDir, warn: { _ = fputs($0 + "\n", stderr) }) { c, path in
-                try c.check(config: config, graph: graph, trainCount: data.train.count, path: path)
+                try c.check(config: config, graph: plan.global, trainCount: data.train.count, path: path)
             }
         }
         var counters = [Int64](repeating: 0, count: 7)
         var times = [Double](repeating: .nan, count: 4)
+        // The checkpoint holds the whole model whatever the layout; rank 0 sends it to every rank,
+        // which keeps its tower's slices.
+        var whole = [[Float](repeating: 0, count: plan.global.parameterCount), [Float](repeating: 0, count: plan.global.parameterCount),
+                     [Float](repeating: 0, count: plan.global.statisticsCount)]
         if let c = found?.checkpoint {
             let h = c.header
             counters = [1, Int64(h.epoch), Int64(h.position), Int64(h.step), Int64(h.lrStep), Int64(h.worldSize), Int64(h.threads)]
             times = [h.trainSeconds, h.wallSeconds, h.secondsTo90, h.lastTrainLoss]
-            copy(c.parameters, into: net.parameters)
-            copy(c.velocity, into: sgd.velocity)
-            copy(c.statistics, into: net.statistics)
+            whole = [c.parameters, c.velocity, c.statistics]
         }
         if comm.size > 1 {
             try counters.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: $0.count, root: 0) }
             try times.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: $0.count, root: 0) }
             if counters[0] == 1 {
-                for buffer in [net.parameters, sgd.velocity, net.statistics] where buffer.count > 0 {
-                    try comm.broadcast(UnsafeMutableRawPointer(buffer.baseAddress!), bytes: buffer.count * 4, root: 0)
+                for i in whole.indices where !whole[i].isEmpty {
+                    try whole[i].withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: $0.count, root: 0) }
                 }
             }
+        }
+        if counters[0] == 1 {
+            loadGlobal(whole[0], into: net.parameters, tensors: \.parameters)
+            loadGlobal(whole[1], into: sgd.velocity, tensors: \.parameters)
+            loadGlobal(whole[2], into: net.statistics, tensors: \.statistics)
         }
         guard counters[0] == 1 else {
             say("tandem: --resume auto: no checkpoint in \(options.outDir); starting from the beginning")
@@ -376,15 +453,14 @@ public final class Trainer {
         return state
     }
 
-    private func copy(_ values: [Float], into buffer: UnsafeMutableBufferPointer<Float>) {
-        precondition(values.count == buffer.count, "checkpoint section of \(values.count) values for a buffer of \(buffer.count)")
-        if !values.isEmpty { values.withUnsafeBufferPointer { buffer.baseAddress!.update(from: $0.baseAddress!, count: values.count) } }
-    }
-
     /// Checks on every rank that the weights and optimiser state are finite, then (rank 0) writes
     /// the checkpoint of `state` and deletes old ones. Returns the file written (rank 0).
     func saveCheckpoint(_ state: RunState) throws -> String? {
         try checkFinite(step: state.step)
+        // The whole model, whatever the layout: towers put their slices together first.
+        let parameters = try wholeModel(net.parameters, tensors: \.parameters)
+        let velocity = try wholeModel(sgd.velocity, tensors: \.parameters)
+        let statistics = try wholeModel(net.statistics, tensors: \.statistics)
         guard isRoot else { return nil }
         var c = Checkpoint()
         c.header.configHash = config.hash
@@ -398,9 +474,9 @@ public final class Trainer {
         c.header.trainSeconds = state.trainSeconds; c.header.wallSeconds = state.wallSeconds; c.header.secondsTo90 = state.secondsTo90 ?? .nan
         c.header.lastTrainLoss = state.lastTrainLoss
         c.configText = config.text
-        c.parameters = Array(net.parameters)
-        c.velocity = Array(sgd.velocity)
-        c.statistics = Array(net.statistics)
+        c.parameters = parameters
+        c.velocity = velocity
+        c.statistics = statistics
         let path = options.outDir + "/" + Checkpoint.fileName(step: state.step)
         try c.write(to: path)
         Checkpoint.prune(folder: options.outDir, keep: config.keepCheckpoints, writtenStep: state.step)
