@@ -26,7 +26,7 @@ struct Debug: ParsableCommand {
             o.quiet = true
             o.initWeights = common.initWeights
             let trainer = try Trainer(config: c, comm: SingleProcessCommunicator(), data: data, options: o)
-            print(ModelTable.render(trainer.graph, batch: c.batchSize))
+            print(ModelTable.render(trainer.graph, batch: c.batchSize, plan: trainer.plan))
             var failed = false
             if !skipCheck {
                 print("\nGradient check (Float64, batch \(checkBatch), \(checkPerTensor) elements per tensor, tolerance 1e-5):")
@@ -100,19 +100,33 @@ func padLeft(_ s: String, _ width: Int) -> String { s.count >= width ? s : Strin
 
 /// The model as a table: layer, type, inputs, output shape, parameters, forward FLOPs per image.
 enum ModelTable {
-    static let widths = [10, 15, 14, 12, 11, 14]
+    static let widths = [10, 15, 14, 12, 11, 14, 26]
     static func row(_ cells: [String]) -> String {
-        zip(cells, widths).enumerated().map { i, c in i >= 4 ? padLeft(c.0, c.1) : pad(c.0, c.1) }.joined(separator: " ")
+        zip(cells, widths).enumerated().map { i, c in i == 4 || i == 5 ? padLeft(c.0, c.1) : pad(c.0, c.1) }.joined(separator: " ")
     }
 
-    static func render(_ g: Graph, batch: Int) -> String {
-        var lines = [row(["layer", "type", "input", "output", "parameters", "FLOPs/image"])]
+    /// With towers, a last column says where the towers exchange activations and how many bytes each
+    /// rank receives per step (forward allgather / backward reduce-scatter) for one replica's batch.
+    static func render(_ g: Graph, batch: Int, plan: TowerPlan) -> String {
+        let split = plan.towers > 1
+        let talk = Dictionary(uniqueKeysWithValues: plan.exchanges.map { ($0.layer, $0) })
+        func kb(_ elements: Int) -> String { String(format: "%.1f KB", Double(elements * batch * 4) / 1024) }
+        var lines = [row(["layer", "type", "input", "output", "parameters", "FLOPs/image"] + (split ? ["towers (fwd / bwd per step)"] : []))]
         for node in g.nodes {
             let params = g.parameters(of: node.index).reduce(0) { $0 + $1.count }
             let inputs = node.inputs.map { g.nodes[$0].name }.joined(separator: ",")
             var type = node.kind?.typeName ?? "data"
             if case let .convolution(_, w, groups, _)? = node.kind { type += " \(w.kernelH)x\(w.kernelW)" + (groups > 1 ? " g\(groups)" : "") }
-            lines.append(row([node.name, type, inputs, node.outputShape.description, formatCount(Double(params)), formatCount(Double(node.flopsPerSample))]))
+            var cells = [node.name, type, inputs, node.outputShape.description, formatCount(Double(params)), formatCount(Double(node.flopsPerSample))]
+            if split {
+                if let e = talk[node.name] { cells.append("  all: \(kb(e.forwardElementsPerSample)) / \(kb(e.backwardElementsPerSample))") } else if node.index > 0 { cells.append("  own") }
+            }
+            lines.append(row(cells))
+        }
+        if split, let loss = talk["loss (logits)"] {
+            lines.append("loss: the towers gather the logits (\(kb(loss.forwardElementsPerSample)) per step); \(plan.towers) towers, so each rank holds 1/\(plan.towers) of every layer's outputs")
+            let total = plan.exchanges.reduce(0) { $0 + $1.forwardElementsPerSample + $1.backwardElementsPerSample }
+            lines.append("tower traffic per rank and step: \(kb(total)) at batch \(batch) (nothing else crosses between towers)")
         }
         lines.append(String(format: "total: %@ parameters, %@ running statistics, %@ forward FLOPs per image (%@ per step of %d, forward + backward ~3x)",
                             formatCount(Double(g.parameterCount)), formatCount(Double(g.statisticsCount)), formatCount(Double(g.flopsPerSample)),

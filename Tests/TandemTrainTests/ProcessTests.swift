@@ -158,3 +158,45 @@ struct CommandLineTests {
         #expect(svg.hasPrefix("<svg") && svg.contains("polyline"))
     }
 }
+
+/// The small AlexNet of TowerTests on Fashion-MNIST, one metrics row per step.
+func smallAlexConfig() throws -> String {
+    var text = smallAlexYAML.replacingOccurrences(of: "train: {batch_size: 16, seed: 5}",
+                                                   with: "train: {batch_size: 16, seed: 5, max_steps: 8, log_every_steps: 1}")
+    text += "\ndata: {path: \(fashionMNIST), train_limit: 2048, test_limit: 500}\n"
+    let path = temporaryFolder() + "/alex.yaml"
+    try text.write(toFile: path, atomically: true, encoding: .utf8)
+    return path
+}
+
+@Suite(.serialized, .enabled(if: hasMPI && hasData, "needs .build/release/trainer (launch/test builds it), mpirun and Fashion-MNIST"))
+struct MPITowerTests {
+    @Test(arguments: [2, 4])
+    func towersUnderMPIMatchTheUnsplitModel(np: Int) throws {
+        let cfg = try smallAlexConfig()
+        let one = temporaryFolder(), split = temporaryFolder()
+        let a = try run(trainerBinary, ["--config", cfg, "--out", one, "--quiet"])
+        #expect(a.status == 0, "\(a.error)")
+        let b = try mpirun(np, ["--config", cfg, "--out", split, "--quiet"])
+        #expect(b.status == 0, "\(b.error)")
+        let la = try stepLosses(one), lb = try stepLosses(split)
+        #expect(la.count == 8 && lb.count == 8)
+        for (x, y) in zip(la, lb) { #expect(abs(x - y) <= 1e-4 * abs(x), "np \(np): losses \(la) vs \(lb)") }
+        let na = try summary(one)["param_norm"] as! Double, nb = try summary(split)["param_norm"] as! Double
+        #expect(abs(na - nb) <= 1e-5 * na, "param_norm \(na) vs \(nb)")
+    }
+
+    @Test func debugTableShowsWhereTowersTalk() throws {
+        let r = try run(trainerBinary, ["debug", "--config", try smallAlexConfig(), "--steps", "1", "--skip-check"], timeout: 60)
+        #expect(r.status == 0, "\(r.error)")
+        let talking = r.output.split(separator: "\n").filter { $0.contains("  all: ") }.map { String($0.split(separator: " ")[0]) }
+        #expect(talking == ["conv3", "fc5", "fc6"], "\(r.output)")
+        #expect(r.output.contains("tower traffic per rank and step"))
+    }
+
+    @Test func worldSizeThatDoesNotFitTheTowers() throws {
+        let r = try mpirun(3, ["--config", try smallAlexConfig(), "--out", temporaryFolder()], timeout: 60)
+        #expect(r.status != 0)
+        #expect(r.error.contains("world size 3 does not fit parallel.towers 2"), "\(r.error)")
+    }
+}
