@@ -64,14 +64,17 @@ func maxPool2x2<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePo
             let r0 = src + 2 * oh * inW, r1 = r0 + inW
             let base = Int32(truncatingIfNeeded: 2 * oh * inW)
             let d = dst + oh * s.outW, g = arg + oh * s.outW
+            let w1 = Int32(truncatingIfNeeded: inW)
             for ow in 0..<s.outW {
                 let a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], e = r1[2 * ow + 1]
-                let m = max(max(a, b), max(c, e))
-                // The first maximum in reading order wins, as in PyTorch.
-                let col = Int32(truncatingIfNeeded: 2 * ow)
-                let off: Int32 = a == m ? 0 : (b == m ? 1 : (c == m ? Int32(truncatingIfNeeded: inW) : Int32(truncatingIfNeeded: inW) + 1))
-                d[ow] = m
-                g[ow] = base + col + off
+                // Branch-free: pairwise maxima and the index of the first maximum in reading order
+                // (strict comparisons keep the earlier element on ties, as PyTorch does).
+                let top = max(a, b), bottom = max(c, e)
+                let iTop: Int32 = b > a ? 1 : 0
+                let iBottom: Int32 = e > c ? w1 + 1 : w1
+                let lower = bottom > top
+                d[ow] = lower ? bottom : top
+                g[ow] = base + Int32(truncatingIfNeeded: 2 * ow) + (lower ? iBottom : iTop)
             }
         }
     }
