@@ -13,7 +13,8 @@ public struct Series {
 
 public enum SVGPlot {
     /// A panel: axes with ticks, one polyline per series (markers when a series is short), a legend.
-    static func panel(title: String, yLabel: String, series: [Series], x0: Double, y0: Double, width: Double, height: Double, xMax: Double) -> String {
+    static func panel(title: String, yLabel: String, series: [Series], x0: Double, y0: Double, width: Double, height: Double, xMax: Double,
+                      legendAtBottom: Bool = false) -> String {
         let all = series.flatMap { $0.points.map(\.1) }.filter { $0.isFinite }
         var lo = all.min() ?? 0, hi = all.max() ?? 1
         if hi - lo < 1e-9 { lo -= 0.5; hi += 0.5 }
@@ -49,7 +50,7 @@ public enum SVGPlot {
                 for p in pts { s += String(format: "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%@\"/>", px(p.0), py(p.1), ser.color) }
                 s += "\n"
             }
-            let ly = top + 14 + Double(k) * 16
+            let ly = legendAtBottom ? bottom - 10 - Double(series.count - 1 - k) * 16 : top + 14 + Double(k) * 16
             s += "<line x1=\"\(right - 150)\" y1=\"\(ly - 4)\" x2=\"\(right - 130)\" y2=\"\(ly - 4)\" stroke=\"\(ser.color)\" stroke-width=\"2\"/>"
             s += "<text x=\"\(right - 125)\" y=\"\(ly)\" font-size=\"12\">\(ser.name)</text>\n"
         }
@@ -63,7 +64,7 @@ public enum SVGPlot {
         s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
         s += "<text x=\"\(w / 2)\" y=\"18\" text-anchor=\"middle\" font-size=\"13\" fill=\"#333\">\(title)</text>\n"
         s += panel(title: "Loss", yLabel: "loss", series: loss, x0: 0, y0: 24, width: w / 2, height: h, xMax: epochs)
-        s += panel(title: "Accuracy", yLabel: "accuracy", series: accuracy, x0: w / 2, y0: 24, width: w / 2, height: h, xMax: epochs)
+        s += panel(title: "Accuracy", yLabel: "accuracy", series: accuracy, x0: w / 2, y0: 24, width: w / 2, height: h, xMax: epochs, legendAtBottom: true)
         s += "</svg>\n"
         return s
     }
