@@ -16,10 +16,15 @@ struct Bench: ParsableCommand {
     @Flag(name: .customLong("per-layer"), help: "Print forward and backward time and GFLOP/s per layer.") var perLayer = false
     @Option(name: .customLong("gradient-sync"), help: "after (default: one allreduce after backward) or overlap (buckets allreduced while backward runs).") var gradientSync: String = "after"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 1024
+    @Option(help: ArgumentHelp("Write a Chrome trace (Perfetto, chrome://tracing) of the timed steps: per layer forward and backward, allreduces, data, optimiser; FILE.rankN per rank under MPI.", valueName: "file"))
+    var trace: String?
+    @Option(help: ArgumentHelp("Add key=value to the JSON (repeatable; launch/scaling-benchmark labels its rows with it).", valueName: "key=value"))
+    var tag: [String] = []
 
     mutating func validate() throws {
         if warmup < 0 || steps <= 0 { throw ValidationError("--warmup must be >= 0 and --steps positive") }
         if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
+        for t in tag where !t.contains("=") { throw ValidationError("--tag must be key=value, got \(t)") }
     }
 
     func run() throws {
@@ -49,12 +54,14 @@ struct Bench: ParsableCommand {
             }
             try runSteps(warmup, nil)
             profile.update(repeating: 0, count: 2 * graph.nodes.count)
+            let recorder = trace.map { _ in trainer.startTrace(steps: steps) }
             try comm.barrier()
             let timing = StepTiming()
             let t0 = Clock.now
             try runSteps(steps, timing)
             try comm.barrier()
             let elapsed = Clock.now - t0
+            if let recorder, let trace { try recorder.write(to: trace, worldSize: comm.size) }
             var forward = 0.0
             for i in 0..<graph.nodes.count { forward += profile[2 * i] }
             // The job's rate: every rank's share of each global batch together.
@@ -64,8 +71,11 @@ struct Bench: ParsableCommand {
                                             "backward": perStep(timing.compute - forward),
                                             "allreduce_wait": perStep(timing.allreduce), "optimizer": perStep(timing.optimizer)]
             guard comm.rank == 0 else { return }
+            let cores = ProcessInfo.processInfo.activeProcessorCount
+            let oversubscribed = o.ranksOnThisMachine * trainer.threads > cores
             print(String(format: "%@: %d steps of batch %d, %d rank(s) x %d thread(s): %@ img/s (%.3f ms/step)",
                          c.source, steps, c.batchSize, comm.size, trainer.threads, formatCount(images / elapsed), 1000 * elapsed / Double(steps)))
+            if let trace { print("trace: " + (comm.size > 1 ? "\(trace).rank0 .. \(trace).rank\(comm.size - 1)" : trace)) }
             print(["data", "forward", "backward", "allreduce_wait", "optimizer"].map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
             if perLayer {
                 let local = Double(c.batchSize / comm.size) / Double(trainer.threads)
@@ -85,10 +95,21 @@ struct Bench: ParsableCommand {
                     "config": c.source, "images_per_second": images / elapsed, "world_size": comm.size, "threads": trainer.threads,
                     "batch_size": c.batchSize, "steps": steps, "warmup": warmup, "phases_ms": phases,
                     "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": gradientSync, "bucket_kb": bucketKB,
+                    "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,
+                    "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,
+                    "tags": tagDictionary(tag),
                 ]
                 let d = try JSONSerialization.data(withJSONObject: result, options: [.prettyPrinted, .sortedKeys])
                 try writeAtomically(d, to: json)
             }
         }
     }
+}
+
+/// `--tag key=value` options as a dictionary (a later key wins).
+func tagDictionary(_ tags: [String]) -> [String: String] {
+    Dictionary(tags.map { t in
+        let kv = t.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+        return (kv[0], kv.count > 1 ? kv[1] : "")
+    }, uniquingKeysWith: { _, later in later })
 }

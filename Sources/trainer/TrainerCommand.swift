@@ -59,7 +59,7 @@ struct TrainerCommand: ParsableCommand {
         commandName: "trainer",
         abstract: "Tandem: data- and model-parallel training of convolutional networks on CPUs over MPI.",
         discussion: "With no subcommand, trains the default model (LeNet-5 with batch norm on Fashion-MNIST). Run it under `mpirun -np N trainer` for N data-parallel replicas.",
-        subcommands: [Train.self, Debug.self, Bench.self, Export.self],
+        subcommands: [Train.self, Debug.self, Bench.self, Export.self, BenchAllreduce.self, BenchReport.self],
         defaultSubcommand: Train.self)
 }
 
@@ -113,6 +113,8 @@ struct Train: ParsableCommand {
     @Option(help: ArgumentHelp("Continue from a checkpoint: a file, a folder (its newest usable checkpoint) or auto (the output folder's; none: start fresh).",
                                valueName: "file|dir|auto")) var resume: String?
     @Option(name: .customLong("summary-json"), help: "Also write summary.json to this file.") var summaryJSON: String?
+    @Option(help: ArgumentHelp("Write a Chrome trace (Perfetto, chrome://tracing) of the run at its end: per layer forward and backward, allreduces, data, optimiser, evaluations; FILE.rankN per rank under MPI. Large for long runs: combine with --max-steps.", valueName: "file"))
+    var trace: String?
     @Option(name: .customLong("gradient-sync"), help: "overlap: allreduce buckets while backward runs; after: one allreduce after backward.")
     var gradientSync: String = "after"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 1024
@@ -136,7 +138,9 @@ struct Train: ParsableCommand {
             o.resume = resume
             o.initWeights = common.initWeights
             let trainer = try Trainer(config: c, comm: world, data: data, options: o)
+            let recorder = trace.map { _ in trainer.startTrace(steps: trainer.totalSteps, evaluations: Int((c.epochs / max(c.evalEveryEpochs, 1e-9)).rounded(.up)) + 1) }
             _ = try trainer.run()
+            if let recorder, let trace { try recorder.write(to: trace, worldSize: world.size) }
         }
     }
 

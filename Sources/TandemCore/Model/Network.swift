@@ -15,6 +15,12 @@ public protocol GradientObserver: AnyObject {
     func gradientsReady(from offset: Int)
 }
 
+/// Told each layer's forward and backward begin and end times of part 0 (the trace recorder).
+/// Called on part 0's thread, once per layer per pass: it must not allocate or block.
+public protocol LayerTimer: AnyObject {
+    func layerTimed(node: Int, backward: Bool, start: Double, end: Double)
+}
+
 /// The loss at the end of the network.
 public enum LossKind: String, Sendable, CaseIterable {
     /// Softmax cross-entropy on the logits (the mean over the batch is the loss).
@@ -45,6 +51,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     public weak var observer: GradientObserver?
     /// When set (2 per node: forward, backward seconds), part 0 adds each layer's time into it.
     public var profile: UnsafeMutablePointer<Double>?
+    /// When set, part 0 also reports each layer's begin and end times to it (`--trace`).
+    public weak var layerTimer: LayerTimer?
 
     private var layers: [[Layer<T>]]          // [part][node - 1]
     private var partGradients: [UnsafeMutablePointer<T>]
@@ -225,12 +233,16 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         c.part = p
         let row = layers[p]
         let timed = p == 0 ? profile : nil
+        let timer = p == 0 ? layerTimer : nil
+        let clocked = timed != nil || timer != nil
         if command == .forward || command == .train {
             for layer in row where c.count > 0 || layer.reducesAcrossParts {
-                if let timed {
+                if clocked {
                     let t0 = monotonicSeconds()
                     layer.forward(c)
-                    timed[2 * layer.node.index] += monotonicSeconds() - t0
+                    let t1 = monotonicSeconds()
+                    timed?[2 * layer.node.index] += t1 - t0
+                    timer?.layerTimed(node: layer.node.index, backward: false, start: t0, end: t1)
                 } else {
                     layer.forward(c)
                 }
@@ -249,10 +261,12 @@ public final class Network<T: Scalar>: @unchecked Sendable {
                 let node = i + 1
                 if c.count > 0 { sumEdges(node, c) }
                 if c.count > 0 || layer.reducesAcrossParts {
-                    if let timed {
+                    if clocked {
                         let t0 = monotonicSeconds()
                         layer.backward(c)
-                        timed[2 * node + 1] += monotonicSeconds() - t0
+                        let t1 = monotonicSeconds()
+                        timed?[2 * node + 1] += t1 - t0
+                        timer?.layerTimed(node: node, backward: true, start: t0, end: t1)
                     } else {
                         layer.backward(c)
                     }

@@ -24,6 +24,12 @@ public final class GradientSync: GradientObserver {
     public private(set) var error: Error?
     /// Seconds spent blocked in `finish` (the allreduce wait on the critical path) and in total collectives.
     public private(set) var waitSeconds = 0.0
+    /// `--trace`: each bucket's allreduce from start to completion, and the wait in `finish`.
+    var trace: TraceRecorder? {
+        didSet { traceStart = Array(repeating: -1, count: buckets.count) }
+    }
+    /// Per bucket: when its allreduce started (-1: not started or already recorded).
+    private var traceStart: [Double] = []
 
     /// - Parameter bucketBytes: the smallest bucket; buckets end on parameter-tensor boundaries.
     public init(comm: Communicator, graph: Graph, gradients: UnsafeMutableBufferPointer<Float>, mode: Mode, bucketBytes: Int) {
@@ -50,11 +56,12 @@ public final class GradientSync: GradientObserver {
         do {
             while next < buckets.count && buckets[next].lowerBound >= offset {
                 let b = buckets[next]
+                if trace != nil { traceStart[next] = Clock.now }
                 requests[next] = try comm.startAllreduceSum(gradients.baseAddress! + b.lowerBound, count: b.count)
                 next += 1
             }
             // Drive progress of the ones in flight (OpenMPI progresses only inside MPI calls).
-            for r in requests { if let r { _ = try r.test() } }
+            for i in requests.indices { if let r = requests[i], try r.test() { traceCompleted(i) } }
         } catch { self.error = error }
     }
 
@@ -62,19 +69,34 @@ public final class GradientSync: GradientObserver {
     public func finish() throws {
         guard active else { return }
         let start = Clock.now
-        defer { waitSeconds += Clock.now - start; next = 0 }
+        defer {
+            let end = Clock.now
+            waitSeconds += end - start
+            next = 0
+            if let trace { trace.record(trace.waitName, start: start, end: end) }
+        }
         if let error { throw error }
         if mode == .after {
             try comm.allreduceSum(gradients.baseAddress!, count: gradients.count)
+            trace?.bucket(0, start: start, end: Clock.now)
             return
         }
         // Buckets not started yet (e.g. backward ran on several threads and reported at the end).
         while next < buckets.count {
             let b = buckets[next]
+            if trace != nil { traceStart[next] = Clock.now }
             requests[next] = try comm.startAllreduceSum(gradients.baseAddress! + b.lowerBound, count: b.count)
             next += 1
         }
-        for i in 0..<requests.count { try requests[i]?.wait(); requests[i] = nil }
+        for i in 0..<requests.count { try requests[i]?.wait(); traceCompleted(i); requests[i] = nil }
+    }
+
+    /// Records bucket `i`'s allreduce once, when it is first seen complete.
+    @inline(__always)
+    private func traceCompleted(_ i: Int) {
+        guard let trace, traceStart[i] >= 0 else { return }
+        trace.bucket(i, start: traceStart[i], end: Clock.now)
+        traceStart[i] = -1
     }
 }
 

@@ -64,6 +64,8 @@ public final class Trainer {
     public let options: RunOptions
     public let threads: Int
     public let exchange: CommTowerExchange?
+    /// `--trace`: records steps, data, layers, allreduces and the optimiser (see `startTrace`).
+    public internal(set) var trace: TraceRecorder?
     public var replicas: Int { replicaComm.size }
     public var replica: Int { replicaComm.rank }
     /// Towers this run splits the model into (1 when it runs the whole model in one rank).
@@ -226,8 +228,11 @@ public final class Trainer {
     public func step(epoch: Int, start: Int, globalCount m: Int, step: Int, lr: Double, timing: StepTiming? = nil) throws -> (loss: Double, correct: Int) {
         let mine = share(of: m)
         var t0 = Clock.now
+        let stepStart = t0
+        trace?.step = step
         data.loadTrain((start + mine.lowerBound)..<(start + mine.upperBound), epoch: epoch, seed: config.seed, input: net.input, labels: net.labels)
         net.globalOffset = mine.lowerBound
+        if let trace { trace.record(trace.dataName, start: stepStart, end: Clock.now) }
         if let timing { let t = Clock.now; timing.data += t - t0; t0 = t }
         let r = net.trainStep(count: mine.count, lossScale: 1 / Double(m), step: step)
         if let timing { let t = Clock.now; timing.compute += t - t0; t0 = t }
@@ -239,8 +244,14 @@ public final class Trainer {
         guard stats[0].isFinite else {
             throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf); lower the learning rate, or run `trainer debug` to find the first layer that produces it")
         }
+        let optimizerStart = trace != nil ? Clock.now : 0
         sgd.step(parameters: net.parameters, gradients: net.gradients, lr: lr)
         if let timing { timing.optimizer += Clock.now - t0 }
+        if let trace {
+            let t = Clock.now
+            trace.record(trace.optimizerName, start: optimizerStart, end: t)
+            trace.record(trace.stepName, start: stepStart, end: t)
+        }
         return (stats[0] / Double(m), Int(stats[1]))
     }
 
@@ -248,6 +259,8 @@ public final class Trainer {
     public func evaluate() throws -> (loss: Double, accuracy: Double) {
         let n = data.test.count
         let mine = (n * replica / replicas)..<(n * (replica + 1) / replicas)
+        let evaluateStart = Clock.now
+        defer { if let trace { trace.record(trace.evaluateName, start: evaluateStart, end: Clock.now) } }
         var loss = 0.0, correct = 0.0
         var i = mine.lowerBound
         while i < mine.upperBound {
