@@ -10,8 +10,9 @@
 //
 // The same command measures memcpy bandwidth (rank 0 alone, a 64 MiB buffer, best of 3; bytes
 // copied counted once, as the peers' memcpy_bw.c does) and gives the ring bound
-// 2(p-1)/p * N / B_memcpy: on shared memory every byte a ring moves is at least one copy, so no
-// allreduce of N bytes can beat it (it ignores the additions and latency; an optimistic floor).
+// 2(p-1)/p * N / B_memcpy: on shared memory every byte a ring moves is at least one copy, so this
+// is what a ring would take with each rank's copies at memcpy speed (it ignores the additions,
+// latency and ranks competing for memory bandwidth: an optimistic floor).
 import ArgumentParser
 import Foundation
 import TandemComm

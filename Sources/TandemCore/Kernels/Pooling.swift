@@ -22,7 +22,15 @@ public struct PoolGeometry: Sendable {
 public func maxPoolForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<T>, n: Int, _ s: PoolGeometry) {
     let w = s.window
     if w.kernelH == 2 && w.kernelW == 2 && w.strideH == 2 && w.strideW == 2 && w.padH == 0 && w.padW == 0 {
-        maxPool2x2(y, argmax: argmax, x, planes: n * s.channels, s)
+        if T.self == Float.self {
+            y.withMemoryRebound(to: Float.self, capacity: n * s.channels * s.outPlane) { yf in
+                x.withMemoryRebound(to: Float.self, capacity: n * s.channels * s.inPlane) { xf in
+                    maxPool2x2Float(yf, argmax: argmax, xf, planes: n * s.channels, s)
+                }
+            }
+        } else {
+            maxPool2x2(y, argmax: argmax, x, planes: n * s.channels, s)
+        }
         return
     }
     for p in 0..<(n * s.channels) {
@@ -47,6 +55,46 @@ public func maxPoolForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: Unsa
                 }
                 dst[oh * s.outW + ow] = m
                 arg[oh * s.outW + ow] = Int32(truncatingIfNeeded: best)
+            }
+        }
+    }
+}
+
+/// maxPool2x2 for Float, four outputs at a time: 8 floats of each input row split into their even
+/// and odd columns, pairwise maxima, and the index of the first maximum by masks (no branches).
+func maxPool2x2Float(_ y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<Float>, planes: Int, _ s: PoolGeometry) {
+    let inW = s.inW, outW = s.outW
+    let w1 = Int32(truncatingIfNeeded: inW)
+    let lane = SIMD4<Int32>(0, 2, 4, 6)
+    for p in 0..<planes {
+        let src = x + p * s.inPlane
+        let dst = y + p * s.outPlane
+        let arg = argmax + p * s.outPlane
+        for oh in 0..<s.outH {
+            let r0 = src + 2 * oh * inW, r1 = r0 + inW
+            let base = Int32(truncatingIfNeeded: 2 * oh * inW)
+            let d = dst + oh * outW, g = arg + oh * outW
+            var ow = 0
+            while ow + 4 <= outW {
+                let top8 = UnsafeRawPointer(r0 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
+                let bot8 = UnsafeRawPointer(r1 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
+                let a = top8.evenHalf, b = top8.oddHalf, c = bot8.evenHalf, e = bot8.oddHalf
+                let top = pointwiseMax(a, b), bottom = pointwiseMax(c, e)
+                var index = SIMD4<Int32>(repeating: base &+ Int32(truncatingIfNeeded: 2 * ow)) &+ lane
+                let iTop = SIMD4<Int32>(repeating: 0).replacing(with: 1, where: b .> a)
+                let iBottom = SIMD4<Int32>(repeating: w1).replacing(with: w1 &+ 1, where: e .> c)
+                index &+= iTop.replacing(with: iBottom, where: bottom .> top)
+                UnsafeMutableRawPointer(d + ow).storeBytes(of: pointwiseMax(top, bottom), as: SIMD4<Float>.self)
+                UnsafeMutableRawPointer(g + ow).storeBytes(of: index, as: SIMD4<Int32>.self)
+                ow += 4
+            }
+            while ow < outW {
+                let a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], e = r1[2 * ow + 1]
+                let top = max(a, b), bottom = max(c, e)
+                let lower = bottom > top
+                d[ow] = lower ? bottom : top
+                g[ow] = base &+ Int32(truncatingIfNeeded: 2 * ow) &+ (lower ? (e > c ? w1 &+ 1 : w1) : (b > a ? 1 : 0))
+                ow += 1
             }
         }
     }
