@@ -111,3 +111,36 @@ parallel: {towers: 4, sync_bn: true}
         #expect(world == nil, "\(world ?? "")")
     }
 }
+
+/// Runs `Trainer.run()` of `cfg` on `ranks` thread-ranks with synthetic data; rank 0's whole-model parameters.
+func runWhole(_ cfg: TrainConfig, ranks: Int, out: String, maxSteps: Int = 0, resume: String? = nil) throws -> (parameters: [Float], steps: Int) {
+    final class Box: @unchecked Sendable { var parameters: [Float] = []; var steps = 0 }
+    let box = Box()
+    try ThreadCommunicator.run(size: ranks) { comm in
+        var o = RunOptions(); o.quiet = true; o.outDir = out; o.resume = resume
+        var c = cfg; c.parallel.threads = 1; c.maxSteps = maxSteps
+        let t = try Trainer(config: c, comm: comm, data: try syntheticData(), options: o)
+        let s = try t.run()
+        let whole = try t.wholeModel(t.net.parameters, tensors: \.parameters)
+        if comm.rank == 0 { box.parameters = whole; box.steps = s.steps }
+    }
+    return (box.parameters, box.steps)
+}
+
+@Suite struct TowerCheckpointTests {
+    @Test func aCheckpointOfTowersResumesAsOneProcess() throws {
+        var c = try config(smallAlexYAML)
+        c.epochs = 0.25   // 8 steps of 16 of the 512 synthetic images
+        let uninterrupted = try runWhole(c, ranks: 1, out: temporaryFolder())
+        let out = temporaryFolder()
+        _ = try runWhole(c, ranks: 2, out: out, maxSteps: 4)                 // 1 replica x 2 towers
+        let resumed = try runWhole(c, ranks: 1, out: out, resume: "auto")    // the whole model in one process
+        #expect(resumed.steps == 8 && uninterrupted.steps == 8)
+        #expect(relativeDifference(resumed.parameters, uninterrupted.parameters) < 1e-5)
+        // And back: a one-process checkpoint resumes as 2x2.
+        let out2 = temporaryFolder()
+        _ = try runWhole(c, ranks: 1, out: out2, maxSteps: 4)
+        let hybrid = try runWhole(c, ranks: 4, out: out2, resume: "auto")
+        #expect(relativeDifference(hybrid.parameters, uninterrupted.parameters) < 1e-5)
+    }
+}
