@@ -93,6 +93,12 @@ func runReportingErrors(_ body: () throws -> Void) -> Never {
         let world = currentWorld
         let prefix = (world?.size ?? 1) > 1 ? "tandem: rank \(world!.rank): " : "tandem: "
         fputs(prefix + String(describing: error).replacingOccurrences(of: "\n", with: " ") + "\n", stderr)
+        if error is AgreedFailure {
+            // Every rank stops here with its own line (see Agreement.swift): no rank is waiting
+            // in a collective, so all finalise instead of one aborting the others mid-sentence.
+            if world is MPICommunicator { MPICommunicator.finalize() }
+            exit(1)
+        }
         if let world, world.size > 1 {
             // Other ranks may be waiting in a collective this rank will never enter: end the job,
             // after a moment in which ranks that met the same error can say so too.
@@ -123,11 +129,17 @@ struct Train: ParsableCommand {
     func run() throws {
         runReportingErrors {
             let world = try makeWorld()
-            var c = try common.load()
-            if let epochs { c.epochs = epochs }
-            if let lr { c.lr = lr }
-            if let maxSteps { c.maxSteps = maxSteps }
-            let data = try DataPipeline(config: c.data)
+            // Config, dataset and layout errors are found by every rank alike: agree on them
+            // before the first collective, so that every rank prints its line.
+            let (c, data) = try world.agree { () throws -> (TrainConfig, DataPipeline) in
+                var c = try common.load()
+                if let epochs { c.epochs = epochs }
+                if let lr { c.lr = lr }
+                if let maxSteps { c.maxSteps = maxSteps }
+                let data = try DataPipeline(config: c.data)
+                _ = try Trainer.checkLayout(config: c, data: data, worldSize: world.size)
+                return (c, data)
+            }
             var o = RunOptions()
             o.outDir = out ?? "runs/\(common.name)"
             o.summaryJSON = summaryJSON

@@ -46,6 +46,8 @@ public struct ParallelConfig: Sendable, Equatable {
     /// Model parallelism: every parameterised layer's outputs split over this many ranks (AlexNet's
     /// towers); the world is replicas x towers. One process runs the whole (grouped) model.
     public var towers: Int = 1
+    /// A blocking collective that takes longer than this ends the job, naming it (0: off).
+    public var collectiveTimeoutSeconds: Double = 300
 }
 
 public struct TrainConfig: Sendable {
@@ -283,11 +285,16 @@ extension TrainConfig {
     }
 
     static func parseParallel(_ v: YAMLValue, into c: inout TrainConfig) throws {
-        let f = try v.fields(["threads", "sync_bn", "towers"])
+        let f = try v.fields(["threads", "sync_bn", "towers", "collective_timeout_seconds"])
         if let x = f["threads"] {
             if case let .scalar(s) = x.node, s.string == "auto" { c.parallel.threads = 0 } else { c.parallel.threads = try x.positiveInt() }
         }
         if let x = f["sync_bn"] { c.parallel.syncBN = try x.bool() }
         if let x = f["towers"] { c.parallel.towers = try x.positiveInt() }
+        if let x = f["collective_timeout_seconds"] {
+            let t = try x.double()
+            guard t >= 0 && t.isFinite else { throw x.error("expected seconds >= 0 (0: off), got \(t)") }
+            c.parallel.collectiveTimeoutSeconds = t
+        }
     }
 }

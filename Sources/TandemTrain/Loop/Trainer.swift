@@ -64,6 +64,12 @@ public final class Trainer {
     public let options: RunOptions
     public let threads: Int
     public let exchange: CommTowerExchange?
+    /// Watchdog and fingerprint of the blocking collectives (see CollectiveMonitor).
+    public let monitor: CollectiveMonitor
+    /// Test-only hooks, read from the environment (see `TestHooks`).
+    let hooks = TestHooks()
+    /// The step in progress, for the watchdog's message from inside the network (sync_bn, towers).
+    var currentStep = 0
     /// `--trace`: records steps, data, layers, allreduces and the optimiser (see `startTrace`).
     public internal(set) var trace: TraceRecorder?
     public var replicas: Int { replicaComm.size }
@@ -81,19 +87,9 @@ public final class Trainer {
         self.comm = comm
         self.data = data
         self.options = options
-        if let input = config.input, input != data.shape {
-            throw ConfigError("\(config.source): model.input is \(input) but the dataset's images are \(data.shape)")
-        }
-        // The model is the config's (grouped by its towers); one rank runs it whole, several split
-        // it into replicas x towers.
-        plan = try TowerPlan(input: data.shape, layers: config.layers, towers: config.parallel.towers)
+        monitor = CollectiveMonitor(world: comm, timeout: config.parallel.collectiveTimeoutSeconds)
+        plan = try Self.checkLayout(config: config, data: data, worldSize: comm.size)
         let wanted = comm.size > 1 ? config.parallel.towers : 1
-        guard plan.global.outputShape.count == data.train.classes else {
-            throw ConfigError("\(config.source): the last layer '\(plan.global.nodes.last!.name)' has \(plan.global.outputShape.count) outputs but the dataset has \(data.train.classes) classes")
-        }
-        guard comm.size % wanted == 0 else {
-            throw ConfigError("\(config.source): world size \(comm.size) does not fit parallel.towers \(wanted): run a multiple of \(wanted) ranks (replicas x towers), or set --towers")
-        }
         if wanted > 1 {
             let t = try comm.split(color: comm.rank / wanted, key: comm.rank)
             towerComm = t
@@ -108,9 +104,6 @@ public final class Trainer {
             graph = plan.global
         }
         let replicas = replicaComm.size
-        guard config.batchSize % replicas == 0 else {
-            throw ConfigError("\(config.source): train.batch_size \(config.batchSize) is not divisible by the \(replicas) replicas (the batch size is the global batch; each replica takes batch/\(replicas))")
-        }
         let auto = max(1, options.cores / max(1, options.ranksOnThisMachine))
         threads = wanted > 1 ? 1 : min(config.parallel.threads > 0 ? config.parallel.threads : auto, max(1, config.batchSize / replicas))
         BLAS.setThreads(1)
@@ -121,8 +114,8 @@ public final class Trainer {
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
             let c = replicaComm
-            net.reducer.crossRank = { values, count in
-                do { try c.allreduceSum(values, count: count) } catch {
+            net.reducer.crossRank = { [unowned self] values, count in
+                do { try monitor.watch(.syncBN, step: currentStep, count: count) { try c.allreduceSum(values, count: count) } } catch {
                     fputs("tandem: rank \(c.rank): \(error)\n", stderr)
                     c.abort(code: 1)
                 }
@@ -150,6 +143,30 @@ public final class Trainer {
         }
         loadGlobal(parameters, into: net.parameters, tensors: \.parameters)
         loadGlobal(statistics, into: net.statistics, tensors: \.statistics)
+    }
+
+    /// The checks of a config against the dataset and the world size that need no collective,
+    /// so that every rank finds the same error before the first one.
+    /// - Returns: the model's split over `config.parallel.towers` (the model whole on one rank).
+    public static func checkLayout(config: TrainConfig, data: DataPipeline, worldSize: Int) throws -> TowerPlan {
+        if let input = config.input, input != data.shape {
+            throw ConfigError("\(config.source): model.input is \(input) but the dataset's images are \(data.shape)")
+        }
+        // The model is the config's (grouped by its towers); one rank runs it whole, several split
+        // it into replicas x towers.
+        let plan = try TowerPlan(input: data.shape, layers: config.layers, towers: config.parallel.towers)
+        let wanted = worldSize > 1 ? config.parallel.towers : 1
+        guard plan.global.outputShape.count == data.train.classes else {
+            throw ConfigError("\(config.source): the last layer '\(plan.global.nodes.last!.name)' has \(plan.global.outputShape.count) outputs but the dataset has \(data.train.classes) classes")
+        }
+        guard worldSize % wanted == 0 else {
+            throw ConfigError("\(config.source): world size \(worldSize) does not fit parallel.towers \(wanted): run a multiple of \(wanted) ranks (replicas x towers), or set --towers")
+        }
+        let replicas = worldSize / wanted
+        guard config.batchSize % replicas == 0 else {
+            throw ConfigError("\(config.source): train.batch_size \(config.batchSize) is not divisible by the \(replicas) replicas (the batch size is the global batch; each replica takes batch/\(replicas))")
+        }
+        return plan
     }
 
     /// Copies a whole-model buffer (laid out as `plan.global`) into this rank's buffer.
@@ -234,12 +251,25 @@ public final class Trainer {
         net.globalOffset = mine.lowerBound
         if let trace { trace.record(trace.dataName, start: stepStart, end: Clock.now) }
         if let timing { let t = Clock.now; timing.data += t - t0; t0 = t }
+        currentStep = step
         let r = net.trainStep(count: mine.count, lossScale: 1 / Double(m), step: step)
         if let timing { let t = Clock.now; timing.compute += t - t0; t0 = t }
-        try sync.finish()
-        // Within a tower group every rank computed the same loss (the loss sees all logits).
-        var stats: [Double] = [r.loss, Double(r.correct)]
-        if replicas > 1 { try replicaComm.allreduceSum(&stats, count: 2) }
+        if step == hooks.hangStep && comm.rank == hooks.hangRank {
+            // Test-only: this rank stops calling collectives, as a stuck rank would.
+            while true { sleep(3600) }
+        }
+        try monitor.watch(.gradients, step: step, count: sync.active ? net.gradients.count : 0) { try sync.finish() }
+        if step == hooks.divergeStep && comm.rank == hooks.divergeRank {
+            // Test-only: this rank believes it ran one more collective than the others.
+            monitor.record(.phantom, step: step, count: 1)
+        }
+        // Within a tower group every rank computed the same loss (the loss sees all logits). The
+        // last four slots compare the ranks' collective fingerprints (see CollectiveMonitor).
+        var stats: [Double] = [r.loss, Double(r.correct)] + (replicas > 1 ? monitor.checkSlots : [])
+        if replicas > 1 {
+            try monitor.watch(.loss, step: step, count: stats.count) { try replicaComm.allreduceSum(&stats, count: stats.count) }
+            if !CollectiveMonitor.slotsAgree(stats[2...], ranks: replicas) { try reportDivergence(step: step) }
+        }
         if let timing { let t = Clock.now; timing.allreduce += t - t0; t0 = t }
         guard stats[0].isFinite else {
             throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf); lower the learning rate, or run `trainer debug` to find the first layer that produces it")
@@ -253,6 +283,18 @@ public final class Trainer {
             trace.record(trace.stepName, start: stepStart, end: t)
         }
         return (stats[0] / Double(m), Int(stats[1]))
+    }
+
+    /// Every rank of `replicaComm` saw different fingerprints in the loss allreduce: gathers them
+    /// to name the ranks that differ from rank 0 (world ranks) and stops.
+    func reportDivergence(step: Int) throws -> Never {
+        var mine: [UInt64] = [monitor.fingerprint, UInt64(comm.rank)]
+        var all = [UInt64](repeating: 0, count: 2 * replicas)
+        try mine.withUnsafeMutableBytes { m in
+            try all.withUnsafeMutableBytes { a in try replicaComm.allgather(m.baseAddress!, bytes: 16, into: a.baseAddress!) }
+        }
+        let differ = (0..<replicas).filter { all[2 * $0] != all[0] }.map { "rank \(all[2 * $0 + 1])" }
+        throw TrainingError("step \(step): ranks diverged: the collectives of \(differ.joined(separator: ", ")) differ from rank \(all[1])'s (fingerprint \(String(all[2 * (differ.isEmpty ? 0 : (0..<replicas).first { all[2 * $0] != all[0] }!)], radix: 16)) vs \(String(all[0], radix: 16))); every rank must run the same collectives with the same sizes")
     }
 
     /// Test loss and accuracy: the test set is sharded over the ranks and the sums reduced.
@@ -272,7 +314,7 @@ public final class Trainer {
             i += k
         }
         var sums = [loss, correct]
-        if replicas > 1 { try replicaComm.allreduceSum(&sums, count: 2) }
+        if replicas > 1 { try monitor.watch(.testMetrics, step: currentStep, count: 2) { try replicaComm.allreduceSum(&sums, count: 2) } }
         return (sums[0] / Double(n), sums[1] / Double(n))
     }
 
@@ -290,7 +332,8 @@ public final class Trainer {
     /// evaluates, logs and writes checkpoints on the way. Returns the run's summary.
     public func run() throws -> RunSummary {
         let out = options.outDir
-        if isRoot {
+        try comm.agree {
+            guard isRoot else { return }
             do { try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true) } catch {
                 throw ConfigError("\(out): cannot create the output folder: \(error.localizedDescription)")
             }
@@ -471,9 +514,10 @@ public final class Trainer {
     func saveCheckpoint(_ state: RunState) throws -> String? {
         try checkFinite(step: state.step)
         // The whole model, whatever the layout: towers put their slices together first.
-        let parameters = try wholeModel(net.parameters, tensors: \.parameters)
-        let velocity = try wholeModel(sgd.velocity, tensors: \.parameters)
-        let statistics = try wholeModel(net.statistics, tensors: \.statistics)
+        let (parameters, velocity, statistics) = try monitor.watch(.checkpoint, step: state.step, count: towerComm == nil ? 0 : net.parameters.count) {
+            (try wholeModel(net.parameters, tensors: \.parameters), try wholeModel(sgd.velocity, tensors: \.parameters),
+             try wholeModel(net.statistics, tensors: \.statistics))
+        }
         guard isRoot else { return nil }
         var c = Checkpoint()
         c.header.configHash = config.hash

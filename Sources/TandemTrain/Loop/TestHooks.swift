@@ -1,0 +1,21 @@
+// TestHooks: failures the process tests inject through the environment. Test-only: they make a
+// rank misbehave on purpose and have no use in a real run.
+//
+//   TANDEM_TEST_HANG_RANK=r     world rank r stops before the gradient allreduce of step
+//                               TANDEM_TEST_HANG_STEP (default 1) and never returns (the watchdog test).
+//   TANDEM_TEST_DIVERGE_RANK=r  world rank r records a collective the others do not have, at step
+//                               TANDEM_TEST_DIVERGE_STEP (default 1) (the divergence test).
+import Foundation
+
+struct TestHooks {
+    var hangRank = -1, hangStep = 1
+    var divergeRank = -1, divergeStep = 1
+
+    init(environment: [String: String] = ProcessInfo.processInfo.environment) {
+        func int(_ key: String) -> Int? { environment[key].flatMap { Int($0) } }
+        hangRank = int("TANDEM_TEST_HANG_RANK") ?? -1
+        hangStep = int("TANDEM_TEST_HANG_STEP") ?? 1
+        divergeRank = int("TANDEM_TEST_DIVERGE_RANK") ?? -1
+        divergeStep = int("TANDEM_TEST_DIVERGE_STEP") ?? 1
+    }
+}
