@@ -579,7 +579,7 @@ public final class Trainer {
                     Series(name: "test", color: "#d62728", points: evals.compactMap { r in r.testLoss.map { (r.epoch, $0) } })]
         let acc = [Series(name: "train (since last eval)", color: "#1f77b4", points: evals.compactMap { r in r.trainAccuracy.map { (r.epoch, $0) } }),
                    Series(name: "test", color: "#d62728", points: evals.compactMap { r in r.testAccuracy.map { (r.epoch, $0) } })]
-        let svg = SVGPlot.curves(title: "\(config.source): \(comm.size) replica(s), batch \(config.batchSize)", loss: loss, accuracy: acc, epochs: max(epochs, 1))
+        let svg = SVGPlot.curves(title: "\(config.source): \(replicas) replica(s)\(towers > 1 ? " x \(towers) towers" : ""), batch \(config.batchSize)", loss: loss, accuracy: acc, epochs: max(epochs, 1))
         try writeAtomically(Data(svg.utf8), to: path)
     }
 }
