@@ -122,6 +122,17 @@ struct CommandLineTests {
         #expect(r.error.split(separator: "\n").count == 1)
     }
 
+    @Test func trainingStopsAtNaNNamingStepAndLayer() throws {
+        let out = temporaryFolder()
+        let r = try run(trainerBinary, ["--config", try smallConfig(), "--lr", "1e4", "--out", out, "--quiet"], timeout: 60)
+        #expect(r.status == 1)
+        #expect(r.error.contains("step ") && r.error.contains("NaN or Inf") && r.error.contains("layer '"), "\(r.error)")
+        #expect(r.error.split(separator: "\n").count == 1)
+        // Nothing was checkpointed from poisoned weights.
+        let files = try FileManager.default.contentsOfDirectory(atPath: out)
+        #expect(!files.contains { $0.hasSuffix(".tandem") }, "\(files)")
+    }
+
     @Test func debugModeChecksGradientsAndPrintsTheModel() throws {
         let r = try run(trainerBinary, ["debug", "--steps", "1"], timeout: 120)
         #expect(r.status == 0, "\(r.error)")

@@ -272,7 +272,12 @@ public final class Trainer {
         }
         if let timing { let t = Clock.now; timing.allreduce += t - t0; t0 = t }
         guard stats[0].isFinite else {
-            throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf); lower the learning rate, or run `trainer debug` to find the first layer that produces it")
+            throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf)\(firstNonFinite(count: mine.count).map { "; it first appeared in \($0)" } ?? ""); lower the learning rate, or run `trainer debug` for every layer's statistics")
+        }
+        // Gradients are the same on every replica after the allreduce, so every rank stops together.
+        if let i = net.gradients.firstIndex(where: { !$0.isFinite }) {
+            let tensor = graph.parameters.first { $0.offset <= i && i < $0.offset + $0.count }?.name ?? "?"
+            throw TrainingError("step \(step): the gradient of '\(tensor)' holds NaN or Inf\(firstNonFinite(count: mine.count).map { "; the activations first went bad in \($0)" } ?? ""); lower the learning rate, or run `trainer debug`")
         }
         let optimizerStart = trace != nil ? Clock.now : 0
         sgd.step(parameters: net.parameters, gradients: net.gradients, lr: lr)
@@ -295,6 +300,22 @@ public final class Trainer {
         }
         let differ = (0..<replicas).filter { all[2 * $0] != all[0] }.map { "rank \(all[2 * $0 + 1])" }
         throw TrainingError("step \(step): ranks diverged: the collectives of \(differ.joined(separator: ", ")) differ from rank \(all[1])'s (fingerprint \(String(all[2 * (differ.isEmpty ? 0 : (0..<replicas).first { all[2 * $0] != all[0] }!)], radix: 16)) vs \(String(all[0], radix: 16))); every rank must run the same collectives with the same sizes")
+    }
+
+    /// The first layer (in forward order) whose output, or (in backward order) whose output gradient,
+    /// holds NaN or Inf for this rank's last `count` samples, described for an error message.
+    func firstNonFinite(count: Int) -> String? {
+        for node in graph.nodes.dropFirst() {
+            let n = count * node.outputShape.count
+            let p = net.activations[node.index]
+            if (0..<n).contains(where: { !p[$0].isFinite }) { return "the output of layer '\(node.name)' (forward)" }
+        }
+        for node in graph.nodes.reversed() {
+            guard let g = net.activationGradients[node.index] else { continue }
+            let n = count * node.outputShape.count
+            if (0..<n).contains(where: { !g[$0].isFinite }) { return "the gradient of layer '\(node.name)''s output (backward)" }
+        }
+        return nil
     }
 
     /// Test loss and accuracy: the test set is sharded over the ranks and the sums reduced.
