@@ -297,4 +297,61 @@ func rawSafetensors(header: String, dataBytes: Int) -> Data {
         let worst = zip(ours, theirs).map { abs($0 - $1) }.max() ?? .infinity
         #expect(worst < 1e-4, "max |Tandem - PyTorch| = \(worst)")
     }
+
+    /// The same weights in training mode: PyTorch's loss and every parameter's gradient on a batch
+    /// (batch-norm batch statistics included) equal Tandem's.
+    @Test(.enabled(if: hasTorch, "torch is not installed (import torch failed in python3): skipping the comparison with PyTorch"))
+    func pytorchComputesTheSameLossAndGradients() throws {
+        let (graph, net) = lenetBN()
+        let folder = temporaryFolder()
+        let weights = folder + "/w.safetensors", input = folder + "/x.f32"
+        try ModelWeights.encode(graph: graph, parameters: Array(net.parameters), statistics: Array(net.statistics))
+            .write(to: URL(fileURLWithPath: weights))
+        let n = 4   // lenetBN() is built for 4 samples
+        let x: [Float] = (0..<(n * 784)).map { (i: Int) -> Float in Float((i * 53) % 251) / 251 - 0.5 }
+        let labels: [Int32] = (0..<n).map { Int32(($0 * 7) % 10) }
+        var w = ByteWriter()
+        w.floats(x)
+        try w.data.write(to: URL(fileURLWithPath: input))
+        for i in 0..<x.count { net.input[i] = x[i] }
+        for i in 0..<n { net.labels[i] = labels[i] }
+        let r0 = net.trainStep(count: n, lossScale: 1 / Double(n), step: 0)
+        let ourLoss = r0.loss / Double(n)
+        let script = """
+        import json, struct, sys
+        import torch
+        import torch.nn.functional as F
+        sys.path.insert(0, sys.argv[3])
+        from models import LeNet5BN
+        raw = open(sys.argv[1], 'rb').read()
+        n, = struct.unpack('<Q', raw[:8])
+        header = json.loads(raw[8:8 + n]); header.pop('__metadata__', None)
+        data = raw[8 + n:]
+        sd = {k: torch.frombuffer(bytearray(data[v['data_offsets'][0]:v['data_offsets'][1]]), dtype=torch.float32).reshape(v['shape']) for k, v in header.items()}
+        m = LeNet5BN()
+        m.load_state_dict(sd, strict=False)
+        m.train()
+        x = torch.frombuffer(bytearray(open(sys.argv[2], 'rb').read()), dtype=torch.float32).reshape(-1, 1, 28, 28)
+        y = torch.tensor(json.loads(sys.argv[4]))
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        print(json.dumps({"loss": loss.item(), "grads": {k: p.grad.flatten().tolist() for k, p in m.named_parameters()}}))
+        """
+        let labelText = "[" + labels.map { String($0) }.joined(separator: ",") + "]"
+        let r = try #require(python(script, [weights, input, packageRoot + "/../shared/peers", labelText]))
+        #expect(r.status == 0, "\(r.error)")
+        let result = try #require(try JSONSerialization.jsonObject(with: Data(r.output.utf8)) as? [String: Any])
+        let theirLoss = try #require(result["loss"] as? Double)
+        #expect(abs(theirLoss - ourLoss) < 1e-5 * max(1, abs(ourLoss)), "loss: Tandem \(ourLoss), PyTorch \(theirLoss)")
+        let grads = try #require(result["grads"] as? [String: [Double]])
+        #expect(grads.count == graph.parameters.count)
+        for info in graph.parameters {
+            let theirs = try #require(grads[info.name], "PyTorch has no gradient for \(info.name)")
+            let ours = (0..<info.count).map { Double(net.gradients[info.offset + $0]) }
+            #expect(theirs.count == ours.count)
+            let scale = max(ours.map(abs).max() ?? 0, 1e-6)
+            let worst = zip(ours, theirs).map { abs($0 - $1) }.max() ?? .infinity
+            #expect(worst <= 1e-3 * scale, "\(info.name): max |Tandem - PyTorch| = \(worst) (largest gradient \(scale))")
+        }
+    }
 }
