@@ -88,8 +88,8 @@ public final class CollectiveMonitor: @unchecked Sendable {
 
     /// Folds (step, operation, count) into the fingerprint without a collective.
     public func record(_ operation: Operation, step: Int, count: Int) {
-        for word in [UInt64(truncatingIfNeeded: step), operation.rawValue, UInt64(truncatingIfNeeded: count)] {
-            var w = word
+        for k in 0..<3 {
+            var w = k == 0 ? UInt64(truncatingIfNeeded: step) : (k == 1 ? operation.rawValue : UInt64(truncatingIfNeeded: count))
             for _ in 0..<8 {
                 fingerprint = (fingerprint ^ (w & 0xff)) &* 0x100_0000_01b3
                 w >>= 8
@@ -99,15 +99,17 @@ public final class CollectiveMonitor: @unchecked Sendable {
 
     /// The fingerprint's low 32 bits as two 16-bit values and their squares, summed exactly in
     /// double precision for up to 2^10 ranks (2^32 * 2^20 < 2^53).
-    public var checkSlots: [Double] {
+    /// Writes the four comparison slots (two 16-bit halves of the fingerprint and their squares) to `slots`.
+    public func writeCheckSlots(_ slots: UnsafeMutablePointer<Double>) {
         let a = Double(fingerprint & 0xffff), b = Double((fingerprint >> 16) & 0xffff)
-        return [a, a * a, b, b * b]
+        slots[0] = a; slots[1] = a * a; slots[2] = b; slots[3] = b * b
     }
 
-    /// True when the summed `checkSlots` of `ranks` ranks came from equal fingerprints.
-    public static func slotsAgree(_ sums: ArraySlice<Double>, ranks: Int) -> Bool {
-        let s = Array(sums), r = Double(ranks)
-        return r * s[1] == s[0] * s[0] && r * s[3] == s[2] * s[2]
+    /// True when the summed check slots of `ranks` ranks came from equal fingerprints
+    /// (sum of squares times the ranks equals the square of the sum only when all are equal).
+    public static func slotsAgree(_ sums: UnsafePointer<Double>, ranks: Int) -> Bool {
+        let r = Double(ranks)
+        return r * sums[1] == sums[0] * sums[0] && r * sums[3] == sums[2] * sums[2]
     }
 
     /// Ends the job if the marked collective has run past the timeout.

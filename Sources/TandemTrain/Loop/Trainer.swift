@@ -78,6 +78,8 @@ public final class Trainer {
     public var towers: Int { towerComm?.size ?? 1 }
     public var tower: Int { towerComm?.rank ?? 0 }
     public var localBatch: Int { config.batchSize / replicas }
+    /// The per-step loss, correct count and four divergence-check slots, reduced over the replicas.
+    private let stepStatistics = UnsafeMutablePointer<Double>.allocate(capacity: 6)
     var isRoot: Bool { comm.rank == 0 }
     /// The checkpoint `run()` resumed from (its path on rank 0, "" on other ranks) and its step.
     public private(set) var resumedFrom: (path: String, step: Int)?
@@ -193,6 +195,8 @@ public final class Trainer {
         return whole
     }
 
+    deinit { stepStatistics.deallocate() }
+
     /// Every rank must run the same experiment: compare the config hashes and the world layout.
     func checkSameConfig() throws {
         var mine: [Int64] = [Int64(bitPattern: config.hash), Int64(config.batchSize), Int64(bitPattern: config.seed)]
@@ -265,10 +269,14 @@ public final class Trainer {
         }
         // Within a tower group every rank computed the same loss (the loss sees all logits). The
         // last four slots compare the ranks' collective fingerprints (see CollectiveMonitor).
-        var stats: [Double] = [r.loss, Double(r.correct)] + (replicas > 1 ? monitor.checkSlots : [])
+        // Preallocated: a training step allocates nothing.
+        let stats = stepStatistics
+        stats[0] = r.loss
+        stats[1] = Double(r.correct)
         if replicas > 1 {
-            try monitor.watch(.loss, step: step, count: stats.count) { try replicaComm.allreduceSum(&stats, count: stats.count) }
-            if !CollectiveMonitor.slotsAgree(stats[2...], ranks: replicas) { try reportDivergence(step: step) }
+            monitor.writeCheckSlots(stats + 2)
+            try monitor.watch(.loss, step: step, count: 6) { try replicaComm.allreduceSum(stats, count: 6) }
+            if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
         }
         if let timing { let t = Clock.now; timing.allreduce += t - t0; t0 = t }
         guard stats[0].isFinite else {
