@@ -79,12 +79,15 @@ func maxPool2x2Float(_ y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePoin
                 let top8 = UnsafeRawPointer(r0 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
                 let bot8 = UnsafeRawPointer(r1 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
                 let a = top8.evenHalf, b = top8.oddHalf, c = bot8.evenHalf, e = bot8.oddHalf
-                let top = pointwiseMax(a, b), bottom = pointwiseMax(c, e)
+                // Blends rather than pointwiseMax, whose NaN handling compiles lane by lane.
+                let bWins = b .> a, eWins = e .> c
+                let top = a.replacing(with: b, where: bWins), bottom = c.replacing(with: e, where: eWins)
+                let lower = bottom .> top
                 var index = SIMD4<Int32>(repeating: base &+ Int32(truncatingIfNeeded: 2 * ow)) &+ lane
-                let iTop = SIMD4<Int32>(repeating: 0).replacing(with: 1, where: b .> a)
-                let iBottom = SIMD4<Int32>(repeating: w1).replacing(with: w1 &+ 1, where: e .> c)
-                index &+= iTop.replacing(with: iBottom, where: bottom .> top)
-                UnsafeMutableRawPointer(d + ow).storeBytes(of: pointwiseMax(top, bottom), as: SIMD4<Float>.self)
+                let iTop = SIMD4<Int32>(repeating: 0).replacing(with: 1, where: bWins)
+                let iBottom = SIMD4<Int32>(repeating: w1).replacing(with: w1 &+ 1, where: eWins)
+                index &+= iTop.replacing(with: iBottom, where: lower)
+                UnsafeMutableRawPointer(d + ow).storeBytes(of: top.replacing(with: bottom, where: lower), as: SIMD4<Float>.self)
                 UnsafeMutableRawPointer(g + ow).storeBytes(of: index, as: SIMD4<Int32>.self)
                 ow += 4
             }
