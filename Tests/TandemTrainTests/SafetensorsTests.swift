@@ -20,6 +20,22 @@ let peersModels = packageRoot + "/../shared/peers/models.py"
 let hasTorch = FileManager.default.fileExists(atPath: peersModels) && python("import torch")?.status == 0
 
 /// LeNet-5-BN with initialised weights and non-trivial running statistics.
+/// Python that reads the safetensors file argv[1] into `sd` and makes the peers' LeNet5BN `m`
+/// (argv[3] is the peers folder); the tests append what they compare.
+let torchLoadsLeNet5BN = """
+import json, struct, sys
+import torch
+sys.path.insert(0, sys.argv[3])
+from models import LeNet5BN
+raw = open(sys.argv[1], 'rb').read()
+n, = struct.unpack('<Q', raw[:8])
+header = json.loads(raw[8:8 + n]); header.pop('__metadata__', None)
+data = raw[8 + n:]
+sd = {k: torch.frombuffer(bytearray(data[v['data_offsets'][0]:v['data_offsets'][1]]), dtype=torch.float32).reshape(v['shape']) for k, v in header.items()}
+m = LeNet5BN()
+
+"""
+
 func lenetBN(seed: UInt64 = 3) -> (graph: Graph, net: Network<Float>) {
     let graph = try! Graph(input: Shape(1, 28, 28), layers: Models.lenet5(batchNorm: true))
     let net = Network<Float>(graph: graph, capacity: 4)
@@ -272,17 +288,7 @@ func rawSafetensors(header: String, dataBytes: Int) -> Data {
         for i in 0..<x.count { net.input[i] = x[i] }
         net.forward(count: 4, training: false, updateStatistics: false)
         let ours = (0..<40).map { Double(net.output[$0]) }
-        let script = """
-        import json, struct, sys
-        import torch
-        sys.path.insert(0, sys.argv[3])
-        from models import LeNet5BN
-        raw = open(sys.argv[1], 'rb').read()
-        n, = struct.unpack('<Q', raw[:8])
-        header = json.loads(raw[8:8 + n]); header.pop('__metadata__', None)
-        data = raw[8 + n:]
-        sd = {k: torch.frombuffer(bytearray(data[v['data_offsets'][0]:v['data_offsets'][1]]), dtype=torch.float32).reshape(v['shape']) for k, v in header.items()}
-        m = LeNet5BN()
+        let script = torchLoadsLeNet5BN + """
         missing, unexpected = m.load_state_dict(sd, strict=False)
         assert not unexpected and all(k.endswith('num_batches_tracked') for k in missing), (missing, unexpected)
         m.eval()
@@ -317,18 +323,8 @@ func rawSafetensors(header: String, dataBytes: Int) -> Data {
         for i in 0..<n { net.labels[i] = labels[i] }
         let r0 = net.trainStep(count: n, lossScale: 1 / Double(n), step: 0)
         let ourLoss = r0.loss / Double(n)
-        let script = """
-        import json, struct, sys
-        import torch
+        let script = torchLoadsLeNet5BN + """
         import torch.nn.functional as F
-        sys.path.insert(0, sys.argv[3])
-        from models import LeNet5BN
-        raw = open(sys.argv[1], 'rb').read()
-        n, = struct.unpack('<Q', raw[:8])
-        header = json.loads(raw[8:8 + n]); header.pop('__metadata__', None)
-        data = raw[8 + n:]
-        sd = {k: torch.frombuffer(bytearray(data[v['data_offsets'][0]:v['data_offsets'][1]]), dtype=torch.float32).reshape(v['shape']) for k, v in header.items()}
-        m = LeNet5BN()
         m.load_state_dict(sd, strict=False)
         m.train()
         x = torch.frombuffer(bytearray(open(sys.argv[2], 'rb').read()), dtype=torch.float32).reshape(-1, 1, 28, 28)

@@ -22,15 +22,7 @@ public struct PoolGeometry: Sendable {
 public func maxPoolForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<T>, n: Int, _ s: PoolGeometry) {
     let w = s.window
     if w.kernelH == 2 && w.kernelW == 2 && w.strideH == 2 && w.strideW == 2 && w.padH == 0 && w.padW == 0 {
-        if T.self == Float.self {
-            y.withMemoryRebound(to: Float.self, capacity: n * s.channels * s.outPlane) { yf in
-                x.withMemoryRebound(to: Float.self, capacity: n * s.channels * s.inPlane) { xf in
-                    maxPool2x2Float(yf, argmax: argmax, xf, planes: n * s.channels, s)
-                }
-            }
-        } else {
-            maxPool2x2(y, argmax: argmax, x, planes: n * s.channels, s)
-        }
+        maxPool2x2(y, argmax: argmax, x, planes: n * s.channels, s)
         return
     }
     for p in 0..<(n * s.channels) {
@@ -60,12 +52,12 @@ public func maxPoolForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: Unsa
     }
 }
 
-/// maxPool2x2 for Float, four outputs at a time: 8 floats of each input row split into their even
-/// and odd columns, pairwise maxima, and the index of the first maximum by masks (no branches).
-func maxPool2x2Float(_ y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<Float>, planes: Int, _ s: PoolGeometry) {
+/// The common 2x2 stride-2 unpadded case (LeNet), two input rows at a time. In Float, four outputs
+/// at a time with SIMD (`maxPool2x2Row4`); the rest, and Double, one at a time.
+@inline(__always)
+func maxPool2x2<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<T>, planes: Int, _ s: PoolGeometry) {
     let inW = s.inW, outW = s.outW
     let w1 = Int32(truncatingIfNeeded: inW)
-    let lane = SIMD4<Int32>(0, 2, 4, 6)
     for p in 0..<planes {
         let src = x + p * s.inPlane
         let dst = y + p * s.outPlane
@@ -75,25 +67,16 @@ func maxPool2x2Float(_ y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePoin
             let base = Int32(truncatingIfNeeded: 2 * oh * inW)
             let d = dst + oh * outW, g = arg + oh * outW
             var ow = 0
-            while ow + 4 <= outW {
-                let top8 = UnsafeRawPointer(r0 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
-                let bot8 = UnsafeRawPointer(r1 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
-                let a = top8.evenHalf, b = top8.oddHalf, c = bot8.evenHalf, e = bot8.oddHalf
-                // Blends rather than pointwiseMax, whose NaN handling compiles lane by lane.
-                let bWins = b .> a, eWins = e .> c
-                let top = a.replacing(with: b, where: bWins), bottom = c.replacing(with: e, where: eWins)
-                let lower = bottom .> top
-                var index = SIMD4<Int32>(repeating: base &+ Int32(truncatingIfNeeded: 2 * ow)) &+ lane
-                let iTop = SIMD4<Int32>(repeating: 0).replacing(with: 1, where: bWins)
-                let iBottom = SIMD4<Int32>(repeating: w1).replacing(with: w1 &+ 1, where: eWins)
-                index &+= iTop.replacing(with: iBottom, where: lower)
-                UnsafeMutableRawPointer(d + ow).storeBytes(of: top.replacing(with: bottom, where: lower), as: SIMD4<Float>.self)
-                UnsafeMutableRawPointer(g + ow).storeBytes(of: index, as: SIMD4<Int32>.self)
-                ow += 4
+            if T.self == Float.self {
+                ow = maxPool2x2Row4(UnsafeMutableRawPointer(d).assumingMemoryBound(to: Float.self), g,
+                                    UnsafeRawPointer(r0).assumingMemoryBound(to: Float.self),
+                                    UnsafeRawPointer(r1).assumingMemoryBound(to: Float.self), base: base, width: w1, outW: outW)
             }
             while ow < outW {
                 let a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], e = r1[2 * ow + 1]
-                let top = max(a, b), bottom = max(c, e)
+                // Branch-free: pairwise maxima and the index of the first maximum in reading order
+                // (strict comparisons keep the earlier element on ties, as PyTorch does).
+                let top = b > a ? b : a, bottom = e > c ? e : c
                 let lower = bottom > top
                 d[ow] = lower ? bottom : top
                 g[ow] = base &+ Int32(truncatingIfNeeded: 2 * ow) &+ (lower ? (e > c ? w1 &+ 1 : w1) : (b > a ? 1 : 0))
@@ -103,32 +86,31 @@ func maxPool2x2Float(_ y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePoin
     }
 }
 
-/// The common 2x2 stride-2 unpadded case (LeNet), two input rows at a time.
+/// One output row of the Float 2x2 pool, four outputs at a time: 8 floats of each input row split
+/// into even and odd columns, pairwise maxima and the index of the first maximum by masks. Returns
+/// the first output column it left to the scalar loop.
 @inline(__always)
-func maxPool2x2<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<T>, planes: Int, _ s: PoolGeometry) {
-    let inW = s.inW
-    for p in 0..<planes {
-        let src = x + p * s.inPlane
-        let dst = y + p * s.outPlane
-        let arg = argmax + p * s.outPlane
-        for oh in 0..<s.outH {
-            let r0 = src + 2 * oh * inW, r1 = r0 + inW
-            let base = Int32(truncatingIfNeeded: 2 * oh * inW)
-            let d = dst + oh * s.outW, g = arg + oh * s.outW
-            let w1 = Int32(truncatingIfNeeded: inW)
-            for ow in 0..<s.outW {
-                let a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], e = r1[2 * ow + 1]
-                // Branch-free: pairwise maxima and the index of the first maximum in reading order
-                // (strict comparisons keep the earlier element on ties, as PyTorch does).
-                let top = max(a, b), bottom = max(c, e)
-                let iTop: Int32 = b > a ? 1 : 0
-                let iBottom: Int32 = e > c ? w1 + 1 : w1
-                let lower = bottom > top
-                d[ow] = lower ? bottom : top
-                g[ow] = base + Int32(truncatingIfNeeded: 2 * ow) + (lower ? iBottom : iTop)
-            }
-        }
+func maxPool2x2Row4(_ d: UnsafeMutablePointer<Float>, _ g: UnsafeMutablePointer<Int32>, _ r0: UnsafePointer<Float>, _ r1: UnsafePointer<Float>,
+                    base: Int32, width w1: Int32, outW: Int) -> Int {
+    let lane = SIMD4<Int32>(0, 2, 4, 6)
+    var ow = 0
+    while ow + 4 <= outW {
+        let top8 = UnsafeRawPointer(r0 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
+        let bot8 = UnsafeRawPointer(r1 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
+        let a = top8.evenHalf, b = top8.oddHalf, c = bot8.evenHalf, e = bot8.oddHalf
+        // Blends rather than pointwiseMax, whose NaN handling compiles lane by lane.
+        let bWins = b .> a, eWins = e .> c
+        let top = a.replacing(with: b, where: bWins), bottom = c.replacing(with: e, where: eWins)
+        let lower = bottom .> top
+        var index = SIMD4<Int32>(repeating: base &+ Int32(truncatingIfNeeded: 2 * ow)) &+ lane
+        let iTop = SIMD4<Int32>(repeating: 0).replacing(with: 1, where: bWins)
+        let iBottom = SIMD4<Int32>(repeating: w1).replacing(with: w1 &+ 1, where: eWins)
+        index &+= iTop.replacing(with: iBottom, where: lower)
+        UnsafeMutableRawPointer(d + ow).storeBytes(of: top.replacing(with: bottom, where: lower), as: SIMD4<Float>.self)
+        UnsafeMutableRawPointer(g + ow).storeBytes(of: index, as: SIMD4<Int32>.self)
+        ow += 4
     }
+    return ow
 }
 
 /// Max pooling backward: writes dx, routing each output gradient to its maximum.

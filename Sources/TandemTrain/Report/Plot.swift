@@ -38,21 +38,33 @@ public enum SVGPlot {
             s += "<line x1=\"\(x)\" y1=\"\(bottom)\" x2=\"\(x)\" y2=\"\(bottom + 5)\" stroke=\"#444\"/>"
             s += "<text x=\"\(x)\" y=\"\(bottom + 18)\" text-anchor=\"middle\" font-size=\"11\">\(i)</text>\n"
         }
-        s += "<text x=\"\((left + right) / 2)\" y=\"\(bottom + 34)\" text-anchor=\"middle\" font-size=\"12\">epoch</text>\n"
-        s += "<text x=\"\(x0 + 14)\" y=\"\((top + bottom) / 2)\" text-anchor=\"middle\" font-size=\"12\" transform=\"rotate(-90 \(x0 + 14) \((top + bottom) / 2))\">\(yLabel)</text>\n"
+        s += axisTitles(x: "epoch", y: yLabel, x0: x0, left: left, right: right, top: top, bottom: bottom)
         for (k, ser) in series.enumerated() {
-            let pts = ser.points.filter { $0.1.isFinite }
-            if pts.count > 1 {
-                let path = pts.map { String(format: "%.1f,%.1f", px($0.0), py($0.1)) }.joined(separator: " ")
-                s += "<polyline fill=\"none\" stroke=\"\(ser.color)\" stroke-width=\"1.6\"\(ser.dashed ? " stroke-dasharray=\"5,3\"" : "") points=\"\(path)\"/>\n"
-            }
-            if pts.count <= 40 {
-                for p in pts { s += String(format: "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%@\"/>", px(p.0), py(p.1), ser.color) }
-                s += "\n"
-            }
+            s += curve(ser, px: px, py: py, markers: ser.points.count <= 40)
             let ly = legendAtBottom ? bottom - 10 - Double(series.count - 1 - k) * 16 : top + 14 + Double(k) * 16
             s += "<line x1=\"\(right - 150)\" y1=\"\(ly - 4)\" x2=\"\(right - 130)\" y2=\"\(ly - 4)\" stroke=\"\(ser.color)\" stroke-width=\"2\"/>"
             s += "<text x=\"\(right - 125)\" y=\"\(ly)\" font-size=\"12\">\(ser.name)</text>\n"
+        }
+        return s
+    }
+
+    /// The x and y axis titles of a panel whose plot area is [left, right] x [top, bottom].
+    static func axisTitles(x: String, y: String, x0: Double, left: Double, right: Double, top: Double, bottom: Double) -> String {
+        "<text x=\"\((left + right) / 2)\" y=\"\(bottom + 34)\" text-anchor=\"middle\" font-size=\"12\">\(x)</text>\n"
+            + "<text x=\"\(x0 + 14)\" y=\"\((top + bottom) / 2)\" text-anchor=\"middle\" font-size=\"12\" transform=\"rotate(-90 \(x0 + 14) \((top + bottom) / 2))\">\(y)</text>\n"
+    }
+
+    /// One series as a polyline (dashed if asked) through its finite points, with markers if `markers`.
+    static func curve(_ ser: Series, px: (Double) -> Double, py: (Double) -> Double, markers: Bool) -> String {
+        var s = ""
+        let pts = ser.points.filter { $0.1.isFinite }
+        if pts.count > 1 {
+            let path = pts.map { String(format: "%.1f,%.1f", px($0.0), py($0.1)) }.joined(separator: " ")
+            s += "<polyline fill=\"none\" stroke=\"\(ser.color)\" stroke-width=\"1.6\"\(ser.dashed ? " stroke-dasharray=\"5,3\"" : "") points=\"\(path)\"/>\n"
+        }
+        if markers {
+            for p in pts { s += String(format: "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%@\"/>", px(p.0), py(p.1), ser.color) }
+            s += "\n"
         }
         return s
     }

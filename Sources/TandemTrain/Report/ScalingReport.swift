@@ -192,17 +192,9 @@ public enum ScalingReport {
             s += String(format: "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#444\"/>", px(x), bottom, px(x), bottom + 5)
             s += String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"11\">%@</text>\n", px(x), bottom + 18, label)
         }
-        s += "<text x=\"\((left + right) / 2)\" y=\"\(bottom + 34)\" text-anchor=\"middle\" font-size=\"12\">\(xLabel)</text>\n"
-        s += "<text x=\"\(x0 + 14)\" y=\"\((top + bottom) / 2)\" text-anchor=\"middle\" font-size=\"12\" transform=\"rotate(-90 \(x0 + 14) \((top + bottom) / 2))\">\(yLabel)</text>\n"
+        s += SVGPlot.axisTitles(x: xLabel, y: yLabel, x0: x0, left: left, right: right, top: top, bottom: bottom)
         for (k, ser) in series.enumerated() {
-            let pts = ser.points.filter { $0.1.isFinite }
-            if pts.count > 1 {
-                let path = pts.map { String(format: "%.1f,%.1f", px($0.0), py($0.1)) }.joined(separator: " ")
-                s += "<polyline fill=\"none\" stroke=\"\(ser.color)\" stroke-width=\"1.6\"\(ser.dashed ? " stroke-dasharray=\"5,3\"" : "") points=\"\(path)\"/>\n"
-            }
-            if ser.name != "ideal" && !ser.name.hasPrefix("memcpy") {
-                for p in pts { s += String(format: "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%@\"/>", px(p.0), py(p.1), ser.color) }
-            }
+            s += SVGPlot.curve(ser, px: px, py: py, markers: ser.name != "ideal" && !ser.name.hasPrefix("memcpy"))
             let ly = top + 14 + Double(k) * 15
             s += String(format: "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%@\" stroke-width=\"2\"%@/>", left + 8, ly - 4, left + 28, ly - 4, ser.color,
                         ser.dashed ? " stroke-dasharray=\"5,3\"" : "")
