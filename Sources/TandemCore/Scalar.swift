@@ -60,3 +60,9 @@ public func allocateZeroed<T>(_ type: T.Type, count: Int) -> UnsafeMutablePointe
     return raw.bindMemory(to: T.self, capacity: max(1, count))
 }
 
+
+/// A Float view of a pointer the caller has checked is Float (`T.self == Float.self`), for the C kernels.
+@inline(__always)
+func floats<T>(_ p: UnsafeMutablePointer<T>) -> UnsafeMutablePointer<Float> { UnsafeMutableRawPointer(p).assumingMemoryBound(to: Float.self) }
+@inline(__always)
+func floats<T>(_ p: UnsafePointer<T>) -> UnsafePointer<Float> { UnsafeRawPointer(p).assumingMemoryBound(to: Float.self) }

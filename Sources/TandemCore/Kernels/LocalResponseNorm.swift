@@ -1,3 +1,5 @@
+import CKernels
+
 // Local response normalisation across channels (Krizhevsky, Sutskever and Hinton 2012, section 3.3),
 // in PyTorch's convention where alpha is divided by the window size:
 //   scale_c = k + alpha/size * sum_{c' = c - size/2 ... c + (size-1)/2, clipped} x_c'^2
@@ -24,11 +26,16 @@ func powMinusBeta<T: Scalar>(_ s: T, _ beta: T, threeQuarters: Bool) -> T {
     return T.pow(s, -beta)
 }
 
-/// Forward over n samples of C x plane. Keeps `scale` (same shape as x) for backward.
+/// Forward over n samples (Float: the C kernel, vector square roots). of C x plane. Keeps `scale` (same shape as x) for backward.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func lrnForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, scale: UnsafeMutablePointer<T>, _ x: UnsafePointer<T>,
                                   n: Int, channels: Int, plane: Int, _ p: LRNParameters) {
+    if T.self == Float.self {
+        tandem_lrn_forward_f32(floats(y), floats(scale), floats(x), n, channels, plane, p.before, p.after, p.groups,
+                               Float(p.alpha / Double(p.size)), Float(p.beta), Float(p.k))
+        return
+    }
     let a = T(p.alpha / Double(p.size)), k = T(p.k), beta = T(p.beta)
     let quarter = p.beta == 0.75
     for b in 0..<n {
@@ -59,6 +66,11 @@ public func lrnForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, scale: UnsafeMut
 public func lrnBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>, ratio: UnsafeMutablePointer<T>, _ dy: UnsafePointer<T>,
                                    x: UnsafePointer<T>, y: UnsafePointer<T>, scale: UnsafePointer<T>,
                                    n: Int, channels: Int, plane: Int, _ p: LRNParameters) {
+    if T.self == Float.self {
+        tandem_lrn_backward_f32(floats(dx), floats(ratio), floats(dy), floats(x), floats(y), floats(scale), n, channels, plane,
+                                p.before, p.after, p.groups, Float(2 * p.alpha * p.beta / Double(p.size)), Float(p.beta))
+        return
+    }
     let factor = T(2 * p.alpha * p.beta / Double(p.size)), beta = T(p.beta)
     let quarter = p.beta == 0.75
     let m = channels * plane

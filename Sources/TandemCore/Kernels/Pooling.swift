@@ -1,3 +1,5 @@
+import CKernels
+
 // Pooling kernels, NCHW. Windows may overlap (AlexNet's 3x3 stride 2) and may hang over the
 // padding: for max pooling padding never wins; for average pooling the divisor is the window
 // clipped to the padded input (PyTorch's count_include_pad = true).
@@ -23,6 +25,11 @@ public func maxPoolForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: Unsa
     let w = s.window
     if w.kernelH == 2 && w.kernelW == 2 && w.strideH == 2 && w.strideW == 2 && w.padH == 0 && w.padW == 0 {
         maxPool2x2(y, argmax: argmax, x, planes: n * s.channels, s)
+        return
+    }
+    if T.self == Float.self {
+        tandem_maxpool_forward_f32(floats(y), argmax, floats(x), n * s.channels, s.inH, s.inW, s.outH, s.outW,
+                                   w.kernelH, w.kernelW, w.strideH, w.strideW, w.padH, w.padW)
         return
     }
     for p in 0..<(n * s.channels) {

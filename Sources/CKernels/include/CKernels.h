@@ -1,0 +1,26 @@
+// Float32 hot loops in C, where clang vectorises what Swift cannot: vector square roots (Swift's
+// SIMD squareRoot runs lane by lane through sqrtf) and, on x86-64, AVX2 + FMA code chosen at run time
+// (target_clones), so one binary runs at full width on Haswell and later and still runs elsewhere.
+// Each function has a generic Swift twin in TandemCore that runs the Double gradient checks; tests
+// compare the two.
+#ifndef TANDEM_CKERNELS_H
+#define TANDEM_CKERNELS_H
+#include <stdint.h>
+
+/// Local response normalisation across channels, forward: y and scale (k + alpha/size * window sum
+/// of squares), n samples of channels x plane, the window clipped to each of `groups` channel groups.
+void tandem_lrn_forward_f32(float *y, float *scale, const float *x, long n, long channels, long plane,
+                            long before, long after, long groups, float alphaOverSize, float beta, float k);
+
+/// Backward: dx from dy, x, y, scale; `ratio` is a channels x plane scratch.
+void tandem_lrn_backward_f32(float *dx, float *ratio, const float *dy, const float *x, const float *y,
+                             const float *scale, long n, long channels, long plane,
+                             long before, long after, long groups, float factor, float beta);
+
+/// Max pooling forward for any window (overlapping, padded): y and the index in the input plane of
+/// the first maximum in reading order; padding never wins.
+void tandem_maxpool_forward_f32(float *y, int32_t *argmax, const float *x, long planes,
+                                long inH, long inW, long outH, long outW,
+                                long kernelH, long kernelW, long strideH, long strideW, long padH, long padW);
+
+#endif

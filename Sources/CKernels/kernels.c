@@ -1,0 +1,177 @@
+// See include/CKernels.h. Plain loops written for clang's vectoriser; no errno-setting libm calls in
+// them (__builtin_elementwise_sqrt is the bare square root instruction).
+#include "CKernels.h"
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__clang__)
+#define TANDEM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define TANDEM_CLONES
+#endif
+
+static inline long lmax(long a, long b) { return a > b ? a : b; }
+static inline long lmin(long a, long b) { return a < b ? a : b; }
+
+// s^-beta: two square roots for AlexNet's beta = 0.75, powf otherwise.
+static inline float pow_minus_three_quarters(float s) {
+    float r = __builtin_elementwise_sqrt(s);
+    return 1.0f / (r * __builtin_elementwise_sqrt(r));
+}
+
+float powf(float, float);
+
+TANDEM_CLONES
+void tandem_lrn_forward_f32(float *restrict y, float *restrict scale, const float *restrict x, long n, long channels,
+                            long plane, long before, long after, long groups, float a, float beta, float k) {
+    const long groupSize = channels / groups;
+    const int quarter = beta == 0.75f;
+    for (long b = 0; b < n; b++) {
+        const float *xs = x + b * channels * plane;
+        float *ss = scale + b * channels * plane, *ys = y + b * channels * plane;
+        for (long c = 0; c < channels; c++) {
+            const long g0 = c / groupSize * groupSize;
+            const long lo = lmax(g0, c - before), hi = lmin(g0 + groupSize - 1, c + after);
+            float *s = ss + c * plane, *yr = ys + c * plane;
+            const float *xr = xs + c * plane;
+            for (long i = 0; i < plane; i++) s[i] = 0;
+            for (long cc = lo; cc <= hi; cc++) {
+                const float *xc = xs + cc * plane;
+                for (long i = 0; i < plane; i++) s[i] += xc[i] * xc[i];
+            }
+            if (quarter) {
+                for (long i = 0; i < plane; i++) {
+                    float v = k + a * s[i];
+                    s[i] = v;
+                    yr[i] = xr[i] * pow_minus_three_quarters(v);
+                }
+            } else {
+                for (long i = 0; i < plane; i++) {
+                    float v = k + a * s[i];
+                    s[i] = v;
+                    yr[i] = xr[i] * powf(v, -beta);
+                }
+            }
+        }
+    }
+}
+
+TANDEM_CLONES
+void tandem_lrn_backward_f32(float *restrict dx, float *restrict ratio, const float *restrict dy, const float *restrict x,
+                             const float *restrict y, const float *restrict scale, long n, long channels, long plane,
+                             long before, long after, long groups, float factor, float beta) {
+    const long groupSize = channels / groups, m = channels * plane;
+    const int quarter = beta == 0.75f;
+    for (long b = 0; b < n; b++) {
+        const long off = b * m;
+        for (long i = 0; i < m; i++) ratio[i] = dy[off + i] * y[off + i] / scale[off + i];
+        for (long c = 0; c < channels; c++) {
+            // c lies in the window of c' (in the same group) when c' - before <= c <= c' + after.
+            const long g0 = c / groupSize * groupSize;
+            const long lo = lmax(g0, c - after), hi = lmin(g0 + groupSize - 1, c + before);
+            float *d = dx + off + c * plane;
+            const float *xr = x + off + c * plane, *sr = scale + off + c * plane, *gr = dy + off + c * plane;
+            for (long i = 0; i < plane; i++) d[i] = 0;
+            for (long cc = lo; cc <= hi; cc++) {
+                const float *r = ratio + cc * plane;
+                for (long i = 0; i < plane; i++) d[i] += r[i];
+            }
+            if (quarter) {
+                for (long i = 0; i < plane; i++) d[i] = gr[i] * pow_minus_three_quarters(sr[i]) - factor * xr[i] * d[i];
+            } else {
+                for (long i = 0; i < plane; i++) d[i] = gr[i] * powf(sr[i], -beta) - factor * xr[i] * d[i];
+            }
+        }
+    }
+}
+
+// One border output, its window clipped to the row.
+static inline void max_clipped(float *d, int32_t *g, const float *src, long ow, long h0, long h1,
+                               long inW, long kW, long sW, long pW) {
+    const long w0 = lmax(ow * sW - pW, 0), w1 = lmin(ow * sW - pW + kW, inW);
+    long best = h0 * inW + w0;
+    float m = src[best];
+    for (long ih = h0; ih < h1; ih++)
+        for (long iw = w0; iw < w1; iw++) {
+            const long i = ih * inW + iw;
+            const float v = src[i];
+            const int better = v > m;
+            m = better ? v : m;
+            best = better ? i : best;
+        }
+    d[ow] = m;
+    g[ow] = (int32_t)best;
+}
+
+typedef float f8 __attribute__((ext_vector_type(8)));
+typedef int32_t i8 __attribute__((ext_vector_type(8)));
+typedef float f4 __attribute__((ext_vector_type(4)));
+typedef int32_t i4 __attribute__((ext_vector_type(4)));
+
+// W window elements, one per output column ow..ow+W-1, at p[0], p[s], ..., p[(W-1)s]; reads nothing
+// outside p[0 ... (W-1)s]. Strides 1 and 2 by whole-vector loads and a shuffle.
+#define LOAD_STRIDED(W, fW, p, s, out) do { \
+    if ((s) == 1) { __builtin_memcpy(&(out), (p), sizeof(fW)); } \
+    else if ((s) == 2) { \
+        fW lo_, hi_; __builtin_memcpy(&lo_, (p), sizeof(fW)); __builtin_memcpy(&hi_, (p) + (W) - 1, sizeof(fW)); \
+        SHUFFLE_EVEN_ODD_##W(lo_, hi_, out); \
+    } else { for (int l_ = 0; l_ < (W); l_++) (out)[l_] = (p)[l_ * (s)]; } \
+} while (0)
+#define SHUFFLE_EVEN_ODD_8(a, b, out) ((out) = __builtin_shufflevector(a, b, 0, 2, 4, 6, 9, 11, 13, 15))
+#define SHUFFLE_EVEN_ODD_4(a, b, out) ((out) = __builtin_shufflevector(a, b, 0, 2, 5, 7))
+
+// W outputs of one row at columns ow..ow+W-1, all windows inside the row: the window elements in
+// reading order, the first maximum kept (strict >).
+#define MAX_BLOCK(W, fW, iW) \
+static inline void max_block_##W(float *d, int32_t *g, const float *src, long ow, long h0, long h1, \
+                                 long inW, long kW, long sW, long pW) { \
+    iW lane; for (int l = 0; l < (W); l++) lane[l] = l * (int32_t)sW; \
+    const long c0 = ow * sW - pW; \
+    fW m; LOAD_STRIDED(W, fW, src + h0 * inW + c0, sW, m); \
+    iW best = (int32_t)(h0 * inW + c0) + lane; \
+    for (long ih = h0; ih < h1; ih++) \
+        for (long kw = 0; kw < kW; kw++) { \
+            const long i = ih * inW + c0 + kw; \
+            fW v; LOAD_STRIDED(W, fW, src + i, sW, v); \
+            const iW better = v > m; \
+            m = (fW)((better & (iW)v) | (~better & (iW)m)); \
+            best = (better & ((int32_t)i + lane)) | (~better & best); \
+        } \
+    __builtin_memcpy(d + ow, &m, sizeof(fW)); \
+    __builtin_memcpy(g + ow, &best, sizeof(iW)); \
+}
+MAX_BLOCK(8, f8, i8)
+MAX_BLOCK(4, f4, i4)
+
+// One output row at a time: the window's rows h0..h1-1 are the same for every column. Columns whose
+// window lies wholly inside the row (ow in [full0, full1)) run 8 or 4 at a time in vectors; the
+// border columns clip their windows.
+TANDEM_CLONES
+void tandem_maxpool_forward_f32(float *restrict y, int32_t *restrict argmax, const float *restrict x, long planes,
+                                long inH, long inW, long outH, long outW,
+                                long kH, long kW, long sH, long sW, long pH, long pW) {
+    const long inPlane = inH * inW, outPlane = outH * outW;
+    // Columns whose window needs no clipping: ow*sW - pW >= 0 and ow*sW - pW + kW <= inW.
+    long full0 = (pW + sW - 1) / sW, full1 = inW + pW - kW < 0 ? 0 : (inW + pW - kW) / sW + 1;
+    if (full1 > outW) full1 = outW;
+    if (full0 > full1) full0 = full1;
+    for (long p = 0; p < planes; p++) {
+        const float *src = x + p * inPlane;
+        for (long oh = 0; oh < outH; oh++) {
+            const long h0 = lmax(oh * sH - pH, 0), h1 = lmin(oh * sH - pH + kH, inH);
+            float *d = y + p * outPlane + oh * outW;
+            int32_t *g = argmax + p * outPlane + oh * outW;
+            for (long ow = 0; ow < full0; ow++) max_clipped(d, g, src, ow, h0, h1, inW, kW, sW, pW);
+            for (long ow = full1; ow < outW; ow++) max_clipped(d, g, src, ow, h0, h1, inW, kW, sW, pW);
+            // Interior columns W at a time; the last block overlaps the one before it (same results).
+            const long count = full1 - full0;
+            if (count >= 8) {
+                for (long ow = full0; ow < full1; ow += 8)
+                    max_block_8(d, g, src, ow + 8 <= full1 ? ow : full1 - 8, h0, h1, inW, kW, sW, pW);
+            } else if (count >= 4) {
+                for (long ow = full0; ow < full1; ow += 4)
+                    max_block_4(d, g, src, ow + 4 <= full1 ? ow : full1 - 4, h0, h1, inW, kW, sW, pW);
+            } else {
+                for (long ow = full0; ow < full1; ow++) max_clipped(d, g, src, ow, h0, h1, inW, kW, sW, pW);
+            }
+        }
+    }
+}

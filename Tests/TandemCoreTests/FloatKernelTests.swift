@@ -1,0 +1,55 @@
+// The Float32 C kernels (CKernels: vector square roots, AVX2 + FMA at run time) against the generic
+// Swift path in Double that the gradient checks run: same maxima and argmax for pooling, the same
+// LRN forward and backward to Float precision, on shapes that reach every vector and border path.
+import Testing
+@testable import TandemCore
+
+private func values(_ count: Int, seed: UInt64, zeros: Bool) -> [Double] {
+    var rng = SeededGenerator(seed: seed)
+    // With zeros (as after a ReLU) ties are common, so the first-maximum rule is exercised.
+    return (0..<count).map { _ in zeros && rng.uniform() < 0.4 ? 0.0 : rng.uniform() * 4 - 2 }
+}
+
+@Test(arguments: [
+    // (height, width, kernel, stride, pad): 8-wide interior (AlexNet pool1), 4-wide (pool2), scalar (pool5),
+    // stride 1 and 3, unpadded, non-square windows.
+    (28, 28, 3, 2, 1), (14, 14, 3, 2, 1), (7, 7, 3, 2, 1), (15, 15, 3, 2, 0), (20, 11, 3, 1, 1),
+    (19, 23, 3, 3, 1), (9, 30, 2, 2, 1), (6, 5, 5, 1, 2),
+])
+func floatMaxPoolMatchesTheGenericPath(height: Int, width: Int, kernel: Int, stride: Int, pad: Int) {
+    let w = Window(kernelH: kernel, kernelW: kernel, strideH: stride, strideW: stride, padH: pad, padW: pad)
+    let s = PoolGeometry(input: Shape(3, height, width), window: w)
+    let n = 2, count = n * 3 * height * width, out = n * 3 * s.outPlane
+    for zeros in [false, true] {
+        let xd = values(count, seed: 11, zeros: zeros), xf = xd.map { Float($0) }
+        var yf = [Float](repeating: .nan, count: out), yd = [Double](repeating: .nan, count: out)
+        var af = [Int32](repeating: -1, count: out), ad = [Int32](repeating: -1, count: out)
+        maxPoolForward(&yf, argmax: &af, xf, n: n, s)
+        maxPoolForward(&yd, argmax: &ad, xd, n: n, s)
+        #expect(af == ad, "argmax \(height)x\(width) k\(kernel) s\(stride) p\(pad)")
+        #expect(zip(yf, yd).allSatisfy { Double($0) == Double(Float($1)) })
+    }
+}
+
+@Test(arguments: [(64, 28, 28, 1, 0.75), (12, 5, 7, 2, 0.75), (6, 3, 3, 1, 0.6), (10, 9, 4, 2, 0.5)])
+func floatLRNMatchesTheGenericPath(channels: Int, height: Int, width: Int, groups: Int, beta: Double) {
+    let p = LRNParameters(size: 5, alpha: 0.5, beta: beta, k: 2, groups: groups)
+    let n = 2, plane = height * width, count = n * channels * plane
+    let xd = values(count, seed: 21, zeros: false), dyd = values(count, seed: 22, zeros: false)
+    let xf = xd.map { Float($0) }, dyf = dyd.map { Float($0) }
+    var yd = [Double](repeating: 0, count: count), sd = yd, dxd = yd, rd = [Double](repeating: 0, count: channels * plane)
+    var yf = [Float](repeating: 0, count: count), sf = yf, dxf = yf, rf = [Float](repeating: 0, count: channels * plane)
+    lrnForward(&yd, scale: &sd, xd, n: n, channels: channels, plane: plane, p)
+    lrnForward(&yf, scale: &sf, xf, n: n, channels: channels, plane: plane, p)
+    lrnBackward(&dxd, ratio: &rd, dyd, x: xd, y: yd, scale: sd, n: n, channels: channels, plane: plane, p)
+    lrnBackward(&dxf, ratio: &rf, dyf, x: xf, y: yf, scale: sf, n: n, channels: channels, plane: plane, p)
+    func worst(_ f: [Float], _ d: [Double]) -> Double {
+        let largest = d.map(abs).max() ?? 1
+        return zip(f, d).map { abs(Double($0) - $1) }.max()! / largest
+    }
+    #expect(worst(yf, yd) < 1e-6, "forward")
+    #expect(worst(sf, sd) < 1e-6, "scale")
+    #expect(worst(dxf, dxd) < 1e-5, "backward")
+    // Strong enough that a wrong normalisation shows.
+    #expect(zip(yd, xd).map { abs($0 - $1) }.max()! > 0.1)
+}
