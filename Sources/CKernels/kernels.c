@@ -175,3 +175,82 @@ void tandem_maxpool_forward_f32(float *restrict y, int32_t *restrict argmax, con
         }
     }
 }
+
+// The output positions o in [0, outSize) whose input position o*stride - pad + offset lies in
+// [0, inSize), as [lo, hi).
+static inline void valid_range(long outSize, long inSize, long stride, long pad, long offset, long *lo, long *hi) {
+    const long lowNum = pad - offset, highNum = inSize - 1 + pad - offset;
+    *lo = lowNum <= 0 ? 0 : (lowNum + stride - 1) / stride;
+    *hi = highNum < 0 ? 0 : lmin(outSize, highNum / stride + 1);
+    if (*hi < *lo) *hi = *lo;
+}
+
+TANDEM_CLONES
+void tandem_im2col_f32(float *restrict col, const float *restrict x, long g, long n, TandemConvShape s) {
+    const long outPlane = s.outH * s.outW, inPlane = s.inH * s.inW, cols = n * outPlane;
+    for (long c = 0; c < s.inGroup; c++) {
+        const long channel = g * s.inGroup + c;
+        for (long ki = 0; ki < s.kH; ki++) {
+            long h0, h1;
+            valid_range(s.outH, s.inH, s.sH, s.pH, ki, &h0, &h1);
+            for (long kj = 0; kj < s.kW; kj++) {
+                const long row = (c * s.kH + ki) * s.kW + kj;
+                long w0, w1;
+                valid_range(s.outW, s.inW, s.sW, s.pW, kj, &w0, &w1);
+                for (long b = 0; b < n; b++) {
+                    const float *src = x + (b * s.inC + channel) * inPlane;
+                    float *dst = col + row * cols + b * outPlane;
+                    for (long oh = 0; oh < s.outH; oh++) {
+                        float *d = dst + oh * s.outW;
+                        if (oh < h0 || oh >= h1) {
+                            for (long ow = 0; ow < s.outW; ow++) d[ow] = 0;
+                            continue;
+                        }
+                        const float *srow = src + (oh * s.sH - s.pH + ki) * s.inW - s.pW + kj;
+                        for (long ow = 0; ow < w0; ow++) d[ow] = 0;
+                        if (s.sW == 1) {
+                            for (long ow = w0; ow < w1; ow++) d[ow] = srow[ow];
+                        } else {
+                            for (long ow = w0; ow < w1; ow++) d[ow] = srow[ow * s.sW];
+                        }
+                        for (long ow = w1; ow < s.outW; ow++) d[ow] = 0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+TANDEM_CLONES
+void tandem_col2im_f32(float *restrict dx, const float *restrict dcol, long g, long n, TandemConvShape s) {
+    const long outPlane = s.outH * s.outW, inPlane = s.inH * s.inW, cols = n * outPlane;
+    for (long b = 0; b < n; b++) {
+        float *d = dx + (b * s.inC + g * s.inGroup) * inPlane;
+        for (long i = 0; i < s.inGroup * inPlane; i++) d[i] = 0;
+    }
+    for (long c = 0; c < s.inGroup; c++) {
+        const long channel = g * s.inGroup + c;
+        for (long ki = 0; ki < s.kH; ki++) {
+            long h0, h1;
+            valid_range(s.outH, s.inH, s.sH, s.pH, ki, &h0, &h1);
+            for (long kj = 0; kj < s.kW; kj++) {
+                const long row = (c * s.kH + ki) * s.kW + kj;
+                long w0, w1;
+                valid_range(s.outW, s.inW, s.sW, s.pW, kj, &w0, &w1);
+                for (long b = 0; b < n; b++) {
+                    float *dst = dx + (b * s.inC + channel) * inPlane;
+                    const float *src = dcol + row * cols + b * outPlane;
+                    for (long oh = h0; oh < h1; oh++) {
+                        float *drow = dst + (oh * s.sH - s.pH + ki) * s.inW - s.pW + kj;
+                        const float *srow = src + oh * s.outW;
+                        if (s.sW == 1) {
+                            for (long ow = w0; ow < w1; ow++) drow[ow] += srow[ow];
+                        } else {
+                            for (long ow = w0; ow < w1; ow++) drow[ow * s.sW] += srow[ow];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -53,3 +53,26 @@ func floatLRNMatchesTheGenericPath(channels: Int, height: Int, width: Int, group
     // Strong enough that a wrong normalisation shows.
     #expect(zip(yd, xd).map { abs($0 - $1) }.max()! > 0.1)
 }
+
+@Test(arguments: [
+    // (channels, height, width, outChannels, kernel, stride, pad, groups)
+    (4, 9, 7, 6, 3, 1, 1, 2), (3, 11, 10, 4, 5, 2, 2, 1), (6, 8, 8, 6, 3, 3, 0, 3), (2, 5, 6, 3, 2, 1, 0, 1),
+])
+func floatIm2colAndCol2imMatchTheGenericPath(channels: Int, height: Int, width: Int, outChannels: Int,
+                                              kernel: Int, stride: Int, pad: Int, groups: Int) {
+    let w = Window(kernelH: kernel, kernelW: kernel, strideH: stride, strideW: stride, padH: pad, padW: pad)
+    let s = ConvGeometry(input: Shape(channels, height, width), outChannels: outChannels, window: w, groups: groups)
+    let n = 3, cols = n * s.outPlane, inCount = n * channels * s.inPlane
+    let xd = values(inCount, seed: 31, zeros: false), dcold = values(s.k * cols, seed: 32, zeros: false)
+    var cd = [Double](repeating: .nan, count: s.k * cols), cf = [Float](repeating: .nan, count: s.k * cols)
+    var dxd = [Double](repeating: .nan, count: inCount), dxf = [Float](repeating: .nan, count: inCount)
+    for g in 0..<groups {
+        im2col(&cd, xd, group: g, n: n, s)
+        im2col(&cf, xd.map { Float($0) }, group: g, n: n, s)
+        #expect(zip(cf, cd).allSatisfy { Double($0) == Double(Float($1)) }, "im2col group \(g)")
+        col2im(&dxd, dcold, group: g, n: n, s)
+        col2im(&dxf, dcold.map { Float($0) }, group: g, n: n, s)
+    }
+    let largest = dxd.map(abs).max()!
+    #expect(zip(dxf, dxd).allSatisfy { abs(Double($0) - $1) <= 1e-5 * largest }, "col2im")
+}

@@ -23,4 +23,17 @@ void tandem_maxpool_forward_f32(float *y, int32_t *argmax, const float *x, long 
                                 long inH, long inW, long outH, long outW,
                                 long kernelH, long kernelW, long strideH, long strideW, long padH, long padW);
 
+/// The shape of one convolution as the C kernels see it (TandemCore's ConvGeometry).
+typedef struct {
+    long inC, inH, inW, outH, outW, inGroup, kH, kW, sH, sW, pH, pW;
+} TandemConvShape;
+
+/// im2col for channel group g over samples 0..<n: col[K, n*outH*outW] with rows (c, ki, kj) and
+/// columns (sample, oh, ow), zero where the window covers padding.
+void tandem_im2col_f32(float *col, const float *x, long g, long n, TandemConvShape s);
+
+/// col2im for channel group g: writes (not adds) the group's input gradient from dcol, summing the
+/// windows that overlap.
+void tandem_col2im_f32(float *dx, const float *dcol, long g, long n, TandemConvShape s);
+
 #endif

@@ -1,3 +1,5 @@
+import CKernels
+
 // Convolution kernels. Layout NCHW throughout: N samples, C channels, H x W planes.
 // A convolution with G groups splits input and output channels into G contiguous halves
 // (thirds, ...); output group g sees only input group g (AlexNet's towers are groups).
@@ -24,6 +26,11 @@ public struct ConvGeometry: Sendable {
     public var outGroup: Int { outC / groups }
     /// Rows of the column matrix of one group.
     public var k: Int { inGroup * window.kernelH * window.kernelW }
+    /// The same shape for the C kernels.
+    var c: TandemConvShape {
+        TandemConvShape(inC: inC, inH: inH, inW: inW, outH: outH, outW: outW, inGroup: inGroup,
+                        kH: window.kernelH, kW: window.kernelW, sH: window.strideH, sW: window.strideW, pH: window.padH, pW: window.padW)
+    }
     public var isPointwise: Bool {
         window.kernelH == 1 && window.kernelW == 1 && window.strideH == 1 && window.strideW == 1 && window.padH == 0 && window.padW == 0
     }
@@ -40,11 +47,12 @@ func validRange(outSize: Int, inSize: Int, stride: Int, pad: Int, offset: Int) -
     return lo <= hi ? lo..<(hi + 1) : lo..<lo
 }
 
-/// im2col for group `g` over samples 0..<n: col[K, n*Ho*Wo] (row-major), zero where the window
+/// im2col for group `g` over samples 0..<n (Float: the C kernel): col[K, n*Ho*Wo] (row-major), zero where the window
 /// covers padding.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func im2col<T: Scalar>(_ col: UnsafeMutablePointer<T>, _ x: UnsafePointer<T>, group g: Int, n: Int, _ s: ConvGeometry) {
+    if T.self == Float.self { tandem_im2col_f32(floats(col), floats(x), g, n, s.c); return }
     let w = s.window
     let cols = n * s.outPlane
     for c in 0..<s.inGroup {
@@ -79,11 +87,12 @@ public func im2col<T: Scalar>(_ col: UnsafeMutablePointer<T>, _ x: UnsafePointer
     }
 }
 
-/// col2im for group `g`: writes (not adds) the input gradient of the group's channels from
+/// col2im for group `g` (Float: the C kernel): writes (not adds) the input gradient of the group's channels from
 /// dcol[K, n*Ho*Wo], summing the windows that overlap.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func col2im<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dcol: UnsafePointer<T>, group g: Int, n: Int, _ s: ConvGeometry) {
+    if T.self == Float.self { tandem_col2im_f32(floats(dx), floats(dcol), g, n, s.c); return }
     let w = s.window
     let cols = n * s.outPlane
     for b in 0..<n {

@@ -205,7 +205,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     }
 
     public func zeroGradients() {
-        for g in partGradients { g.update(repeating: 0, count: graph.parameterCount) }
+        // Raw bytes: `update(repeating:)` on a generic buffer copies element by element through witnesses.
+        for g in partGradients { UnsafeMutableRawPointer(g).initializeMemory(as: UInt8.self, repeating: 0, count: graph.parameterCount * MemoryLayout<T>.stride) }
     }
 
     private func start(_ cmd: Command, count: Int, training: Bool, step: Int, updateStatistics: Bool) {
