@@ -254,3 +254,128 @@ void tandem_col2im_f32(float *restrict dx, const float *restrict dcol, long g, l
         }
     }
 }
+
+long tandem_direct_row(long outW) { return (outW + 7) / 8 * 8; }
+
+long tandem_direct_padded_count(long n, TandemConvShape s) {
+    return n * s.inC * (s.outH + s.kH - 1) * (tandem_direct_row(s.outW) + s.kW - 1);
+}
+
+// A statement expression, not a function: returning an 8-float vector from a function changes the ABI
+// in the builds without AVX.
+#define load_f8(p) ({ f8 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
+
+// OB output channels of one output row chunk (8 columns) at a time, the accumulators in registers.
+#define DIRECT_BLOCK(OB) \
+static inline void direct_block_##OB(float *y, const float *xp, const float *w, const float *bias, long oc, \
+                                     long oh, long chunk, TandemConvShape s, long Hp, long Wp) { \
+    const long K = s.inC * s.kH * s.kW, plane = s.outH * s.outW; \
+    f8 acc[OB]; \
+    for (int o = 0; o < (OB); o++) acc[o] = (f8)(bias ? bias[oc + o] : 0.0f); \
+    for (long c = 0; c < s.inC; c++) \
+        for (long ki = 0; ki < s.kH; ki++) { \
+            const float *row = xp + (c * Hp + oh + ki) * Wp + chunk; \
+            const float *wr = w + oc * K + (c * s.kH + ki) * s.kW; \
+            for (long kj = 0; kj < s.kW; kj++) { \
+                const f8 xv = load_f8(row + kj); \
+                for (int o = 0; o < (OB); o++) acc[o] += wr[o * K + kj] * xv; \
+            } \
+        } \
+    for (int o = 0; o < (OB); o++) { \
+        float *dst = y + (oc + o) * plane + oh * s.outW + chunk; \
+        if (chunk + 8 <= s.outW) __builtin_memcpy(dst, &acc[o], sizeof(f8)); \
+        else for (long l = 0; l < s.outW - chunk; l++) dst[l] = acc[o][l]; \
+    } \
+}
+DIRECT_BLOCK(8)
+DIRECT_BLOCK(4)
+DIRECT_BLOCK(2)
+DIRECT_BLOCK(1)
+
+TANDEM_CLONES
+void tandem_direct_conv_forward_f32(float *restrict y, float *restrict xp, const float *restrict x, const float *restrict w,
+                                    const float *restrict bias, long n, long outC, TandemConvShape s) {
+    const long Hp = s.outH + s.kH - 1, Wp = tandem_direct_row(s.outW) + s.kW - 1, inPlane = s.inH * s.inW;
+    const long outPlane = s.outH * s.outW;
+    for (long b = 0; b < n; b++) {
+        // The padded copy of this sample's input.
+        float *xb = xp + b * s.inC * Hp * Wp;
+        for (long i = 0; i < s.inC * Hp * Wp; i++) xb[i] = 0;
+        for (long c = 0; c < s.inC; c++)
+            for (long ih = 0; ih < s.inH; ih++) {
+                const float *src = x + (b * s.inC + c) * inPlane + ih * s.inW;
+                float *dst = xb + (c * Hp + ih + s.pH) * Wp + s.pW;
+                for (long iw = 0; iw < s.inW; iw++) dst[iw] = src[iw];
+            }
+        float *yb = y + b * outC * outPlane;
+        for (long oh = 0; oh < s.outH; oh++)
+            for (long chunk = 0; chunk < s.outW; chunk += 8) {
+                long oc = 0;
+                for (; oc + 8 <= outC; oc += 8) direct_block_8(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp);
+                if (oc + 4 <= outC) { direct_block_4(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); oc += 4; }
+                if (oc + 2 <= outC) { direct_block_2(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); oc += 2; }
+                if (oc < outC) direct_block_1(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp);
+            }
+    }
+}
+
+// The kW vector sums of one (oc, c, ki) over one sample's plane: sum[kj] += dy[oh, ow] * xp[oh + ki, ow + kj],
+// eight columns at a time (the last chunk's lanes past outW are zero). With KW known at compile
+// time the sums stay in registers.
+#define WEIGHT_SUMS_BODY(KW) \
+    f8 sum[8]; \
+    for (long kj = 0; kj < (KW); kj++) sum[kj] = load_f8(a + kj * 8); \
+    for (long oh = 0; oh < outH; oh++) { \
+        const float *row = rows + oh * Wp, *g = dyp + oh * outW; \
+        for (long chunk = 0; chunk < outW; chunk += 8) { \
+            f8 gv; \
+            if (chunk + 8 <= outW) gv = load_f8(g + chunk); \
+            else { gv = (f8)0.0f; for (long l = 0; l < outW - chunk; l++) gv[l] = g[chunk + l]; } \
+            for (long kj = 0; kj < (KW); kj++) sum[kj] += gv * load_f8(row + chunk + kj); \
+        } \
+    } \
+    for (long kj = 0; kj < (KW); kj++) __builtin_memcpy(a + kj * 8, &sum[kj], sizeof(f8));
+static inline void weight_sums_3(float *a, const float *rows, const float *dyp, long outH, long outW, long Wp) { WEIGHT_SUMS_BODY(3) }
+static inline void weight_sums_5(float *a, const float *rows, const float *dyp, long outH, long outW, long Wp) { WEIGHT_SUMS_BODY(5) }
+static inline void weight_sums_any(float *a, const float *rows, const float *dyp, long outH, long outW, long Wp, long kW) { WEIGHT_SUMS_BODY(kW) }
+
+// dw[oc, c, ki, kj] = sum over samples and output positions of dy[oc, oh, ow] * xp[c, oh + ki, ow + kj]:
+// per sample (its dy and padded input stay in L1), each (oc, c, ki) keeps kW vector sums in registers
+// across the plane, carried from sample to sample in `acc`; the lanes are summed at the end.
+TANDEM_CLONES
+void tandem_direct_conv_weight_grad_f32(float *restrict dw, float *restrict db, float *restrict acc, const float *restrict dy,
+                                        const float *restrict xp, long n, long outC, TandemConvShape s) {
+    const long Hp = s.outH + s.kH - 1, Wp = tandem_direct_row(s.outW) + s.kW - 1, outPlane = s.outH * s.outW;
+    const long K = s.inC * s.kH * s.kW;
+    for (long i = 0; i < outC * K * 8; i++) acc[i] = 0;
+    for (long b = 0; b < n; b++) {
+        const float *xb = xp + b * s.inC * Hp * Wp;
+        for (long oc = 0; oc < outC; oc++) {
+            const float *dyp = dy + (b * outC + oc) * outPlane;
+            for (long c = 0; c < s.inC; c++)
+                for (long ki = 0; ki < s.kH; ki++) {
+                    float *a = acc + (oc * K + (c * s.kH + ki) * s.kW) * 8;
+                    const float *rows = xb + (c * Hp + ki) * Wp;
+                    switch (s.kW) {
+                    case 3: weight_sums_3(a, rows, dyp, s.outH, s.outW, Wp); break;
+                    case 5: weight_sums_5(a, rows, dyp, s.outH, s.outW, Wp); break;
+                    default: weight_sums_any(a, rows, dyp, s.outH, s.outW, Wp, s.kW); break;
+                    }
+                }
+        }
+    }
+    for (long i = 0; i < outC * K; i++) {
+        float t = 0;
+        for (int l = 0; l < 8; l++) t += acc[i * 8 + l];
+        dw[i] += t;
+    }
+    if (db)
+        for (long oc = 0; oc < outC; oc++) {
+            float t = 0;
+            for (long b = 0; b < n; b++) {
+                const float *g = dy + (b * outC + oc) * outPlane;
+                for (long i = 0; i < outPlane; i++) t += g[i];
+            }
+            db[oc] += t;
+        }
+}

@@ -413,3 +413,25 @@ private let dagLayers: [LayerSpec] = [
         #expect(graph.nodes.first { $0.name == "pool5" }?.outputShape == Shape(128, 4, 4))
     }
 }
+
+// MARK: - Float kernels in a network
+
+/// The Float step (C kernels: direct first convolution, LRN, pooling, im2col/col2im) against the Double
+/// step (the generic Swift kernels the gradient checks prove) from the same weights and batch.
+@Suite struct FloatAgainstDouble {
+    @Test(arguments: ["lenet5", "lenet5-bn", "alexnet"])
+    func floatStepMatchesTheDoubleStep(model: String) throws {
+        let layers = switch model {
+        case "lenet5": Models.lenet5(batchNorm: false)
+        case "lenet5-bn": Models.lenet5(batchNorm: true)
+        default: Models.alexnet(width: 4, hidden: 16, dropout: 0.5)
+        }
+        let graph = try Graph(input: mnist, layers: layers)
+        let f = try trainOnce(Float.self, input: mnist, layers, batch: 5, parts: 1)
+        let d = try trainOnce(Double.self, input: mnist, layers, batch: 5, parts: 1)
+        #expect(abs(f.loss - d.loss) <= 1e-5 * abs(d.loss), "loss \(f.loss) vs \(d.loss)")
+        let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)
+        #expect(g.error <= 1e-3, "gradient of \(g.tensor) differs by \(g.error)")
+        #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
+    }
+}

@@ -36,4 +36,18 @@ void tandem_im2col_f32(float *col, const float *x, long g, long n, TandemConvSha
 /// windows that overlap.
 void tandem_col2im_f32(float *dx, const float *dcol, long g, long n, TandemConvShape s);
 
+/// Direct convolution, stride 1, one group, for layers with few input channels whose input needs no
+/// gradient (a network's first layer): no column matrix, eight output columns and up to eight output
+/// channels per step in registers. `xp` receives the zero-padded input, [n, inC, outH + kH - 1,
+/// tandem_direct_row(outW) + kW - 1], kept for the weight gradient.
+long tandem_direct_row(long outW);
+long tandem_direct_padded_count(long n, TandemConvShape s);
+void tandem_direct_conv_forward_f32(float *y, float *xp, const float *x, const float *w, const float *bias,
+                                    long n, long outC, TandemConvShape s);
+
+/// Its weight and bias gradients (added to dw, db; db may be null) from dy and the padded input.
+/// `acc` is a scratch of outC * inC * kH * kW * 8 floats.
+void tandem_direct_conv_weight_grad_f32(float *dw, float *db, float *acc, const float *dy, const float *xp,
+                                        long n, long outC, TandemConvShape s);
+
 #endif

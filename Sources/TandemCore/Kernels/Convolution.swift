@@ -31,6 +31,10 @@ public struct ConvGeometry: Sendable {
         TandemConvShape(inC: inC, inH: inH, inW: inW, outH: outH, outW: outW, inGroup: inGroup,
                         kH: window.kernelH, kW: window.kernelW, sH: window.strideH, sW: window.strideW, pH: window.padH, pW: window.padW)
     }
+    /// Shapes the direct kernel takes: stride 1, one group, at most 4 input channels, kernel width <= 8.
+    var allowsDirect: Bool {
+        groups == 1 && window.strideH == 1 && window.strideW == 1 && inC <= 4 && window.kernelW <= 8 && !isPointwise
+    }
     public var isPointwise: Bool {
         window.kernelH == 1 && window.kernelW == 1 && window.strideH == 1 && window.strideW == 1 && window.padH == 0 && window.padW == 0
     }

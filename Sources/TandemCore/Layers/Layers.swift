@@ -1,3 +1,5 @@
+import CKernels
+
 // The layer types: each binds a kernel pair of Kernels/ to its tensors.
 
 // MARK: - Convolution
@@ -9,6 +11,9 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
     var cols: UnsafeMutablePointer<T>!
     var tmp: UnsafeMutablePointer<T>!
     var dcol: UnsafeMutablePointer<T>!
+    /// The direct path's padded input and weight-gradient sums (Float first layers, see `direct`).
+    var padded: UnsafeMutablePointer<Float>?
+    var sums: UnsafeMutablePointer<Float>?
 
     init(node: Node, capacity: Int, geometry: ConvGeometry, bias: Bool) {
         g = geometry
@@ -18,13 +23,32 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
         cols = own(allocateZeroed(T.self, count: perGroup * g.groups))
         tmp = own(allocateZeroed(T.self, count: g.isPointwise ? 0 : g.outGroup * capacity * g.outPlane))
         dcol = own(allocateZeroed(T.self, count: perGroup))
+        if T.self == Float.self && g.allowsDirect {
+            padded = own(allocateZeroed(Float.self, count: tandem_direct_padded_count(capacity, g.c)))
+            sums = own(allocateZeroed(Float.self, count: g.outC * g.k * 8))
+        }
     }
 
+    /// A layer with few input channels at stride 1 whose input needs no gradient (a network's first
+    /// layer) convolves directly in Float: its column matrix would be kH*kW times its input and its
+    /// GEMM has few rows (LeNet-5's conv1: 25 x 50,176 columns for 6 output channels).
+    private(set) lazy var direct: Bool = padded != nil && dx.allSatisfy { $0 == nil }
+
     override func forward(_ c: PassContext) {
-        convForward(y0(c), cols: cols, tmp: tmp, x0(c), weight: w, bias: hasBias ? w + g.outC * g.k : nil, n: c.count, g)
+        let bias = hasBias ? w + g.outC * g.k : nil
+        if direct, let padded {
+            tandem_direct_conv_forward_f32(floats(y0(c)), padded, floats(x0(c)), floats(w), bias.map(floats), c.count, g.outC, g.c)
+            return
+        }
+        convForward(y0(c), cols: cols, tmp: tmp, x0(c), weight: w, bias: bias, n: c.count, g)
     }
 
     override func backward(_ c: PassContext) {
+        if direct, let padded, let sums {
+            tandem_direct_conv_weight_grad_f32(floats(dw), hasBias ? floats(dw + g.outC * g.k) : nil, sums, floats(dy0(c)), padded,
+                                               c.count, g.outC, g.c)
+            return
+        }
         convBackward(dx0(c), dWeight: dw, dBias: hasBias ? dw + g.outC * g.k : nil, tmp: tmp, dcol: dcol,
                      dy0(c), x: x0(c), cols: cols, weight: w, n: c.count, g)
     }
