@@ -58,9 +58,18 @@ public protocol Communicator: AnyObject {
     /// `split(color: rank % 2, key: rank)` gives {0,2}, {1,3}.
     func split(color: Int, key: Int) throws -> Communicator
 
+    /// Whether two communicators of this process may run collectives from two threads at the same
+    /// time (MPI: initialised with MPI_THREAD_MULTIPLE). The gradient-sync thread needs it.
+    var allowsConcurrentCommunicators: Bool { get }
+
     /// Ends the whole job at once with exit status `code` (MPI_Abort for MPI, `exit` for the
     /// in-process backends). Prints nothing itself: say why before calling it.
     func abort(code: Int32) -> Never
+}
+
+extension Communicator {
+    /// The in-process backends: every communicator is independent of the others.
+    public var allowsConcurrentCommunicators: Bool { true }
 }
 
 /// An operation started by a non-blocking collective.

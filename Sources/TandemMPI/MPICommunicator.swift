@@ -8,8 +8,10 @@
 // MPI counts are Int32. Calls whose count could exceed that (byte counts of broadcast and
 // allgather, element counts of the sums) are split into calls of at most `maxCountPerCall`.
 //
-// Threading: MPI is initialised with MPI_THREAD_FUNNELED, so only the thread that called
-// `initialize()` may call methods of any MPICommunicator or MPIRequest.
+// Threading: MPI is initialised asking for MPI_THREAD_MULTIPLE (and needing at least
+// MPI_THREAD_FUNNELED). A communicator is used by one thread at a time; with MPI_THREAD_MULTIPLE,
+// different communicators may be used by different threads at once (the gradient-sync thread
+// allreduces on its own communicator while the training thread runs backward and its collectives).
 import CMPI
 import Foundation
 import TandemComm
@@ -56,8 +58,8 @@ public final class MPICommunicator: Communicator {
 
     // MARK: - Set-up
 
-    /// Initialises MPI with MPI_Init_thread, requesting MPI_THREAD_FUNNELED and checking that
-    /// it was provided, or does nothing if MPI is already initialised. Works in a singleton
+    /// Initialises MPI with MPI_Init_thread, requesting MPI_THREAD_MULTIPLE and checking that at
+    /// least MPI_THREAD_FUNNELED was provided, or does nothing if MPI is already initialised. Works in a singleton
     /// process started without mpirun (OpenMPI then runs it as a world of size 1).
     /// - Returns: the world communicator; a second call returns the same object.
     /// - Throws: `CommError` naming the call that failed, or if MPI was already finalised.
@@ -71,13 +73,14 @@ public final class MPICommunicator: Communicator {
         try mpiCheck(MPI_Initialized(&flag), "MPI_Initialized")
         var provided: Int32 = 0
         if flag == 0 {
-            try mpiCheck(MPI_Init_thread(nil, nil, Int32(MPI_THREAD_FUNNELED), &provided), "MPI_Init_thread")
+            try mpiCheck(MPI_Init_thread(nil, nil, Int32(MPI_THREAD_MULTIPLE), &provided), "MPI_Init_thread")
         } else {
             try mpiCheck(MPI_Query_thread(&provided), "MPI_Query_thread")
         }
         guard provided >= Int32(MPI_THREAD_FUNNELED) else {
             throw CommError(call: "MPI_Init_thread", reason: "MPI provides thread level \(provided), Tandem needs MPI_THREAD_FUNNELED (\(MPI_THREAD_FUNNELED))", rank: MPIState.worldRank)
         }
+        MPIState.threadMultiple = provided >= Int32(MPI_THREAD_MULTIPLE)
         let world = try MPICommunicator(comm: tandem_MPI_COMM_WORLD(), ownsComm: false)
         Self.world = world
         return world
@@ -99,6 +102,9 @@ public final class MPICommunicator: Communicator {
         let environment = ProcessInfo.processInfo.environment
         return ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].contains { environment[$0] != nil }
     }
+
+    /// Whether MPI was initialised with MPI_THREAD_MULTIPLE.
+    public var allowsConcurrentCommunicators: Bool { MPIState.threadMultiple }
 
     // MARK: - Sums
 
@@ -252,6 +258,9 @@ func mpiErrorString(_ code: Int32) -> String {
 }
 
 enum MPIState {
+    /// The thread level MPI_Init_thread provided was MPI_THREAD_MULTIPLE. Set once, before any other thread exists.
+    nonisolated(unsafe) static var threadMultiple = false
+
     /// MPI_Initialized and not MPI_Finalized: the only time MPI calls are allowed.
     static var isActive: Bool {
         var initialized: Int32 = 0, finalized: Int32 = 0

@@ -14,8 +14,8 @@ struct Bench: ParsableCommand {
     @Option(help: "Write the results as JSON to this file.") var json: String?
     @Flag(help: "Random images of the config's shape instead of the dataset.") var synthetic = false
     @Flag(name: .customLong("per-layer"), help: "Print forward and backward time and GFLOP/s per layer.") var perLayer = false
-    @Option(name: .customLong("gradient-sync"), help: "after (default: one allreduce after backward) or overlap (buckets allreduced while backward runs).") var gradientSync: String = "after"
-    @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 1024
+    @Option(name: .customLong("gradient-sync"), help: "overlap (default: buckets allreduced by a sync thread while backward runs) or after (one allreduce after backward).") var gradientSync: String = "overlap"
+    @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
     @Option(help: ArgumentHelp("Write a Chrome trace (Perfetto, chrome://tracing) of the timed steps: per layer forward and backward, allreduces, data, optimiser; FILE.rankN per rank under MPI.", valueName: "file"))
     var trace: String?
     @Option(help: ArgumentHelp("Add key=value to the JSON (repeatable; launch/scaling-benchmark labels its rows with it).", valueName: "key=value"))

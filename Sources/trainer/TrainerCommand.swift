@@ -121,9 +121,9 @@ struct Train: ParsableCommand {
     @Option(name: .customLong("summary-json"), help: "Also write summary.json to this file.") var summaryJSON: String?
     @Option(help: ArgumentHelp("Write a Chrome trace (Perfetto, chrome://tracing) of the run at its end: per layer forward and backward, allreduces, data, optimiser, evaluations; FILE.rankN per rank under MPI. Large for long runs: combine with --max-steps.", valueName: "file"))
     var trace: String?
-    @Option(name: .customLong("gradient-sync"), help: "overlap: allreduce buckets while backward runs; after: one allreduce after backward.")
-    var gradientSync: String = "after"
-    @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 1024
+    @Option(name: .customLong("gradient-sync"), help: "overlap (default): a sync thread allreduces buckets while backward runs; after: one allreduce after backward.")
+    var gradientSync: String = "overlap"
+    @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
     @Flag(help: "Print only errors and the final line.") var quiet = false
 
     func run() throws {

@@ -93,6 +93,18 @@ struct MPITests {
         #expect(try summary(a)["param_norm"] as! Double == summary(b)["param_norm"] as! Double)
     }
 
+    @Test func overlapAndAfterGiveTheSameSteps() throws {
+        // Buckets allreduced by the sync thread while backward runs, or the whole buffer after it:
+        // with 2 ranks each element is a + b either way, so the runs are bit-identical.
+        let cfg = try smallConfig()
+        let after = temporaryFolder(), overlap = temporaryFolder()
+        let a = try mpirun(2, ["--config", cfg, "--out", after, "--quiet", "--gradient-sync", "after"])
+        let b = try mpirun(2, ["--config", cfg, "--out", overlap, "--quiet", "--gradient-sync", "overlap", "--bucket-kb", "16"])
+        #expect(a.status == 0 && b.status == 0, "\(a.error)\(b.error)")
+        #expect(try stepLosses(after) == stepLosses(overlap))
+        #expect(try summary(after)["param_norm"] as! Double == summary(overlap)["param_norm"] as! Double)
+    }
+
     @Test func worldSizeThatDoesNotFitEndsEveryRankWithOneLine() throws {
         let cfg = try smallConfig(batch: 30)
         let r = try mpirun(4, ["--config", cfg, "--out", temporaryFolder()], timeout: 60)

@@ -13,8 +13,8 @@ public struct RunOptions: Sendable {
     public var summaryJSON: String?
     public var quiet = false
     /// `after` by default: on 2-core machines MPI_Iallreduce progressed between layers cost more CPU than it hid (see README).
-    public var gradientMode: GradientSync.Mode = .after
-    public var bucketKB = 1024
+    public var gradientMode: GradientSync.Mode = .overlap
+    public var bucketKB = 64
     /// Cores on this machine and the ranks sharing it (for threads: auto).
     public var cores = ProcessInfo.processInfo.activeProcessorCount
     public var ranksOnThisMachine = 1
@@ -112,7 +112,8 @@ public final class Trainer {
         net = Network(graph: graph, capacity: config.batchSize / replicas, parts: threads, loss: config.loss, exchange: exchange)
         net.seed = config.seed
         sgd = SGD(graph: graph, settings: config.sgd)
-        sync = GradientSync(comm: replicaComm, graph: graph, gradients: net.gradients, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024)
+        sync = try GradientSync(comm: replicaComm, graph: graph, gradients: net.gradients, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024)
+        if let note = sync.note, comm.rank == 0 { fputs("tandem: \(note)\n", stderr) }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
             let c = replicaComm
