@@ -57,10 +57,13 @@ struct Bench: ParsableCommand {
             let recorder = trace.map { _ in trainer.startTrace(steps: steps) }
             try comm.barrier()
             let timing = StepTiming()
+            let busy0 = trainer.sync.allreduceSeconds
             let t0 = Clock.now
             try runSteps(steps, timing)
             try comm.barrier()
             let elapsed = Clock.now - t0
+            // The allreduces themselves (overlap: on the sync thread, including waiting for the other ranks to release a bucket).
+            let allreduceMs = 1000 * (trainer.sync.allreduceSeconds - busy0) / Double(steps)
             if let recorder, let trace { try recorder.write(to: trace, worldSize: comm.size) }
             var forward = 0.0
             for i in 0..<graph.nodes.count { forward += profile[2 * i] }
@@ -77,6 +80,10 @@ struct Bench: ParsableCommand {
                          c.source, steps, c.batchSize, comm.size, trainer.threads, formatCount(images / elapsed), 1000 * elapsed / Double(steps)))
             if let trace { print("trace: " + (comm.size > 1 ? "\(trace).rank0 .. \(trace).rank\(comm.size - 1)" : trace)) }
             print(["data", "forward", "backward", "allreduce_wait", "optimizer"].map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
+            if trainer.sync.active {
+                print(String(format: "gradient sync (%@, %d bucket(s)): allreduces %.3f ms per step, %.3f ms of it waited for after backward",
+                             trainer.sync.mode.rawValue, trainer.sync.buckets.count, allreduceMs, phases["allreduce_wait"]!))
+            }
             if perLayer {
                 let local = Double(c.batchSize / comm.size) / Double(trainer.threads)
                 print(pad("layer", 10) + " " + pad("type", 14) + "    fwd ms   GFLOP/s     bwd ms   GFLOP/s" + String(format: "   (part 0: %.0f images per step)", local))
@@ -94,7 +101,8 @@ struct Bench: ParsableCommand {
                 let result: [String: Any] = [
                     "config": c.source, "images_per_second": images / elapsed, "world_size": comm.size, "threads": trainer.threads,
                     "batch_size": c.batchSize, "steps": steps, "warmup": warmup, "phases_ms": phases,
-                    "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": gradientSync, "bucket_kb": bucketKB,
+                    "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": trainer.sync.mode.rawValue, "bucket_kb": bucketKB,
+                    "allreduce_ms": allreduceMs, "buckets": trainer.sync.buckets.count,
                     "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,
                     "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,
                     "tags": tagDictionary(tag),
