@@ -76,3 +76,42 @@ func floatIm2colAndCol2imMatchTheGenericPath(channels: Int, height: Int, width: 
     let largest = dxd.map(abs).max()!
     #expect(zip(dxf, dxd).allSatisfy { abs(Double($0) - $1) <= 1e-5 * largest }, "col2im")
 }
+
+/// Forward output, weight and bias gradients and input gradient of one convolution, computed with
+/// the batch in chunks of `chunk` samples (nil: whole).
+private func convStep<T: Scalar>(_: T.Type, _ s: ConvGeometry, n: Int, chunk: Int?) -> (y: [T], dw: [T], dx: [T]) {
+    let x: [T] = values(n * s.inC * s.inPlane, seed: 41, zeros: false).map { T($0) }
+    let w: [T] = values(s.outC * s.k + s.outC, seed: 42, zeros: false).map { T($0) }
+    let dy: [T] = values(n * s.outC * s.outPlane, seed: 43, zeros: false).map { T($0) }
+    var y = [T](repeating: 0, count: n * s.outC * s.outPlane), dw = [T](repeating: 0, count: w.count)
+    var dx = [T](repeating: .nan, count: x.count)
+    var cols = [T](repeating: 0, count: s.groups * s.k * n * s.outPlane), tmp = [T](repeating: 0, count: s.outGroup * n * s.outPlane)
+    var dcol = [T](repeating: 0, count: s.k * n * s.outPlane)
+    w.withUnsafeBufferPointer { wp in
+        convForward(&y, cols: &cols, tmp: &tmp, x, weight: wp.baseAddress!, bias: wp.baseAddress! + s.outC * s.k, n: n, s, chunk: chunk)
+        dw.withUnsafeMutableBufferPointer { dwp in
+            convBackward(&dx, dWeight: dwp.baseAddress!, dBias: dwp.baseAddress! + s.outC * s.k, tmp: &tmp, dcol: &dcol,
+                         dy, x: x, cols: cols, weight: wp.baseAddress!, n: n, s, chunk: chunk)
+        }
+    }
+    return (y, dw, dx)
+}
+
+@Test(arguments: [1, 2, 3, 7])
+func convolutionInChunksEqualsTheWholeBatch(chunk: Int) {
+    let s = ConvGeometry(input: Shape(4, 9, 8), outChannels: 6, window: Window(kernelH: 3, kernelW: 3, padH: 1, padW: 1), groups: 2)
+    let whole = convStep(Double.self, s, n: 7, chunk: nil), parts = convStep(Double.self, s, n: 7, chunk: chunk)
+    func worst(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).map { abs($0 - $1) }.max()! / a.map(abs).max()! }
+    #expect(worst(whole.y, parts.y) < 1e-12 && worst(whole.dw, parts.dw) < 1e-12 && worst(whole.dx, parts.dx) < 1e-12)
+    let f = convStep(Float.self, s, n: 7, chunk: chunk)
+    #expect(worst(whole.y, f.y.map(Double.init)) < 1e-5 && worst(whole.dw, f.dw.map(Double.init)) < 1e-5 && worst(whole.dx, f.dx.map(Double.init)) < 1e-5)
+}
+
+@Test func chunkSizesKeepTheColumnMatrixInCache() {
+    // LeNet-5's conv2 (K = 150, 10x10 outputs): 8 samples of 60 KB; the small AlexNet's conv2: the whole batch.
+    let lenet = ConvGeometry(input: Shape(6, 14, 14), outChannels: 16, window: Window(kernelH: 5, kernelW: 5), groups: 1)
+    #expect(lenet.chunkSamples(batch: 64) == 8)
+    #expect(lenet.chunkSamples(batch: 5) == 5)
+    let alex = ConvGeometry(input: Shape(64, 14, 14), outChannels: 128, window: Window(kernelH: 3, kernelW: 3, padH: 1, padW: 1), groups: 2)
+    #expect(alex.chunkSamples(batch: 64) == 64)
+}

@@ -31,6 +31,16 @@ public struct ConvGeometry: Sendable {
         TandemConvShape(inC: inC, inH: inH, inW: inW, outH: outH, outW: outW, inGroup: inGroup,
                         kH: window.kernelH, kW: window.kernelW, sH: window.strideH, sW: window.strideW, pH: window.padH, pW: window.padW)
     }
+    /// Samples per im2col + GEMM for a batch of `n`: as many as keep one chunk's column matrix within
+    /// `budget` bytes (so that the GEMM reads it from cache right after im2col wrote it), but only when
+    /// that still gives the GEMM at least 512 columns; otherwise the whole batch. LeNet-5's conv2 (150 x
+    /// 100 per sample): 8 samples; the small AlexNet's convolutions: the whole batch.
+    public func chunkSamples(batch n: Int, budget: Int = 512 << 10) -> Int {
+        let perSample = max(1, k * outPlane * 4)
+        let c = max(1, budget / perSample)
+        return c * outPlane >= 512 && c < n ? c : n
+    }
+
     /// Shapes the direct kernel takes: stride 1, one group, at most 4 input channels, kernel width <= 8.
     var allowsDirect: Bool {
         groups == 1 && window.strideH == 1 && window.strideW == 1 && inC <= 4 && window.kernelW <= 8 && !isPointwise
@@ -132,13 +142,14 @@ public func col2im<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dcol: UnsafePoint
 /// - Parameters:
 ///   - y: output [n, outC, outH, outW].
 ///   - cols: for the im2col path, G column matrices of K x n*Ho*Wo each, kept for backward.
-///   - tmp: outGroup x n*Ho*Wo scratch (the GEMM result before it is reordered to NCHW).
+///   - tmp: outGroup x chunk*Ho*Wo scratch (the GEMM result before it is reordered to NCHW).
+///   - chunk: samples per im2col + GEMM (nil: the whole batch); see `ConvGeometry.chunkSamples`.
 ///   - weight: [outC, inC/G, kh, kw]; bias: [outC] or nil.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func convForward<T: Scalar>(
     _ y: UnsafeMutablePointer<T>, cols: UnsafeMutablePointer<T>, tmp: UnsafeMutablePointer<T>,
-    _ x: UnsafePointer<T>, weight: UnsafePointer<T>, bias: UnsafePointer<T>?, n: Int, _ s: ConvGeometry
+    _ x: UnsafePointer<T>, weight: UnsafePointer<T>, bias: UnsafePointer<T>?, n: Int, _ s: ConvGeometry, chunk: Int? = nil
 ) {
     let plane = s.outPlane
     let cg = s.outGroup
@@ -160,35 +171,41 @@ public func convForward<T: Scalar>(
         }
         return
     }
-    let cols1 = n * plane
+    let chunk = max(1, min(chunk ?? n, n))
     for g in 0..<s.groups {
-        let col = cols + g * s.k * cols1
-        im2col(col, x, group: g, n: n, s)
-        T.gemm(transA: false, transB: false, m: cg, n: cols1, k: s.k,
-               alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: col, ldb: cols1,
-               beta: 0, c: tmp, ldc: cols1)
-        // [cg, n, plane] -> [n, outC, plane], adding the bias on the way.
-        for c in 0..<cg {
-            let oc = g * cg + c
-            let v = bias?[oc] ?? 0
-            for b in 0..<n {
-                let src = tmp + c * cols1 + b * plane
-                let dst = y + (b * s.outC + oc) * plane
-                for i in 0..<plane { dst[i] = src[i] + v }
+        // Each group's block of `cols` holds the chunks' column matrices one after another.
+        var s0 = 0
+        while s0 < n {
+            let cs = min(chunk, n - s0), cols1 = cs * plane
+            let col = cols + g * s.k * n * plane + s.k * s0 * plane
+            im2col(col, x + s0 * s.inC * s.inPlane, group: g, n: cs, s)
+            T.gemm(transA: false, transB: false, m: cg, n: cols1, k: s.k,
+                   alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: col, ldb: cols1,
+                   beta: 0, c: tmp, ldc: cols1)
+            // [cg, cs, plane] -> [n, outC, plane], adding the bias on the way.
+            for c in 0..<cg {
+                let oc = g * cg + c
+                let v = bias?[oc] ?? 0
+                for b in 0..<cs {
+                    let src = tmp + c * cols1 + b * plane
+                    let dst = y + ((s0 + b) * s.outC + oc) * plane
+                    for i in 0..<plane { dst[i] = src[i] + v }
+                }
             }
+            s0 += cs
         }
     }
 }
 
 /// Convolution backward over n samples: adds into dWeight and dBias, writes dx (if non-nil).
 /// - Parameters:
-///   - tmp: outGroup x n*Ho*Wo scratch; dcol: K x n*Ho*Wo scratch.
+///   - tmp: outGroup x chunk*Ho*Wo scratch; dcol: K x chunk*Ho*Wo scratch; chunk as in forward.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func convBackward<T: Scalar>(
     _ dx: UnsafeMutablePointer<T>?, dWeight: UnsafeMutablePointer<T>, dBias: UnsafeMutablePointer<T>?,
     tmp: UnsafeMutablePointer<T>, dcol: UnsafeMutablePointer<T>,
-    _ dy: UnsafePointer<T>, x: UnsafePointer<T>, cols: UnsafePointer<T>, weight: UnsafePointer<T>, n: Int, _ s: ConvGeometry
+    _ dy: UnsafePointer<T>, x: UnsafePointer<T>, cols: UnsafePointer<T>, weight: UnsafePointer<T>, n: Int, _ s: ConvGeometry, chunk: Int? = nil
 ) {
     let plane = s.outPlane
     let cg = s.outGroup
@@ -220,24 +237,29 @@ public func convBackward<T: Scalar>(
         }
         return
     }
-    let cols1 = n * plane
+    let chunk = max(1, min(chunk ?? n, n))
     for g in 0..<s.groups {
-        // [n, outC, plane] -> [cg, n, plane]
-        for c in 0..<cg {
-            let oc = g * cg + c
-            for b in 0..<n {
-                (tmp + c * cols1 + b * plane).update(from: dy + (b * s.outC + oc) * plane, count: plane)
+        var s0 = 0
+        while s0 < n {
+            let cs = min(chunk, n - s0), cols1 = cs * plane
+            // [cs, outC, plane] -> [cg, cs, plane]
+            for c in 0..<cg {
+                let oc = g * cg + c
+                for b in 0..<cs {
+                    (tmp + c * cols1 + b * plane).update(from: dy + ((s0 + b) * s.outC + oc) * plane, count: plane)
+                }
             }
-        }
-        let col = cols + g * s.k * cols1
-        T.gemm(transA: false, transB: true, m: cg, n: s.k, k: cols1,
-               alpha: 1, a: tmp, lda: cols1, b: col, ldb: cols1,
-               beta: 1, c: dWeight + g * cg * s.k, ldc: s.k)
-        if let dx {
-            T.gemm(transA: true, transB: false, m: s.k, n: cols1, k: cg,
-                   alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: tmp, ldb: cols1,
-                   beta: 0, c: dcol, ldc: cols1)
-            col2im(dx, dcol, group: g, n: n, s)
+            let col = cols + g * s.k * n * plane + s.k * s0 * plane
+            T.gemm(transA: false, transB: true, m: cg, n: s.k, k: cols1,
+                   alpha: 1, a: tmp, lda: cols1, b: col, ldb: cols1,
+                   beta: 1, c: dWeight + g * cg * s.k, ldc: s.k)
+            if let dx {
+                T.gemm(transA: true, transB: false, m: s.k, n: cols1, k: cg,
+                       alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: tmp, ldb: cols1,
+                       beta: 0, c: dcol, ldc: cols1)
+                col2im(dx + s0 * s.inC * s.inPlane, dcol, group: g, n: cs, s)
+            }
+            s0 += cs
         }
     }
 }

@@ -40,7 +40,7 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
             tandem_direct_conv_forward_f32(floats(y0(c)), padded, floats(x0(c)), floats(w), bias.map(floats), c.count, g.outC, g.c)
             return
         }
-        convForward(y0(c), cols: cols, tmp: tmp, x0(c), weight: w, bias: bias, n: c.count, g)
+        convForward(y0(c), cols: cols, tmp: tmp, x0(c), weight: w, bias: bias, n: c.count, g, chunk: g.chunkSamples(batch: c.count))
     }
 
     override func backward(_ c: PassContext) {
@@ -50,7 +50,7 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
             return
         }
         convBackward(dx0(c), dWeight: dw, dBias: hasBias ? dw + g.outC * g.k : nil, tmp: tmp, dcol: dcol,
-                     dy0(c), x: x0(c), cols: cols, weight: w, n: c.count, g)
+                     dy0(c), x: x0(c), cols: cols, weight: w, n: c.count, g, chunk: g.chunkSamples(batch: c.count))
     }
 }
 
