@@ -379,3 +379,115 @@ void tandem_direct_conv_weight_grad_f32(float *restrict dw, float *restrict db, 
             db[oc] += t;
         }
 }
+
+// MARK: batch normalisation
+
+// Sum of p[0..<m] and of p[i] * q[i] (q may be null), and of (p[i] - mean)^2, in eight float lanes.
+static inline float lane_sum(f8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+static inline float plane_sum(const float *p, long m) {
+    f8 acc = (f8)0.0f;
+    long i = 0;
+    for (; i + 8 <= m; i += 8) acc += load_f8(p + i);
+    float t = lane_sum(acc);
+    for (; i < m; i++) t += p[i];
+    return t;
+}
+
+static inline float plane_dot(const float *p, const float *q, long m) {
+    f8 acc = (f8)0.0f;
+    long i = 0;
+    for (; i + 8 <= m; i += 8) acc += load_f8(p + i) * load_f8(q + i);
+    float t = lane_sum(acc);
+    for (; i < m; i++) t += p[i] * q[i];
+    return t;
+}
+
+static inline float plane_squared_deviation(const float *p, float mean, long m) {
+    f8 acc = (f8)0.0f;
+    long i = 0;
+    for (; i + 8 <= m; i += 8) { f8 d = load_f8(p + i) - mean; acc += d * d; }
+    float t = lane_sum(acc);
+    for (; i < m; i++) { float d = p[i] - mean; t += d * d; }
+    return t;
+}
+
+TANDEM_CLONES
+void tandem_bn_sums_f32(double *restrict sums, const float *restrict x, long n, long channels, long plane) {
+    for (long c = 0; c < channels; c++) sums[c] = 0;
+    if (plane == 1) {
+        for (long b = 0; b < n; b++) for (long c = 0; c < channels; c++) sums[c] += (double)x[b * channels + c];
+        return;
+    }
+    for (long b = 0; b < n; b++)
+        for (long c = 0; c < channels; c++) sums[c] += (double)plane_sum(x + (b * channels + c) * plane, plane);
+}
+
+TANDEM_CLONES
+void tandem_bn_squared_deviations_f32(double *restrict sums, const float *restrict x, const double *restrict mean,
+                                      long n, long channels, long plane) {
+    for (long c = 0; c < channels; c++) sums[c] = 0;
+    if (plane == 1) {
+        for (long b = 0; b < n; b++)
+            for (long c = 0; c < channels; c++) { double d = (double)x[b * channels + c] - mean[c]; sums[c] += d * d; }
+        return;
+    }
+    for (long b = 0; b < n; b++)
+        for (long c = 0; c < channels; c++)
+            sums[c] += (double)plane_squared_deviation(x + (b * channels + c) * plane, (float)mean[c], plane);
+}
+
+TANDEM_CLONES
+void tandem_bn_apply_f32(float *restrict y, float *restrict xhat, const float *restrict x, const double *restrict mean,
+                         const double *restrict invStd, const float *restrict gamma, const float *restrict beta,
+                         long n, long channels, long plane) {
+    for (long b = 0; b < n; b++)
+        for (long c = 0; c < channels; c++) {
+            const float m = (float)mean[c], s = (float)invStd[c], g = gamma[c], bt = beta[c];
+            const long o = (b * channels + c) * plane;
+            const float *xr = x + o;
+            float *yr = y + o;
+            if (xhat) {
+                float *hr = xhat + o;
+                for (long i = 0; i < plane; i++) { float h = (xr[i] - m) * s; hr[i] = h; yr[i] = g * h + bt; }
+            } else {
+                const float scale = g * s, shift = bt - g * m * s;
+                for (long i = 0; i < plane; i++) yr[i] = xr[i] * scale + shift;
+            }
+        }
+}
+
+TANDEM_CLONES
+void tandem_bn_gradient_sums_f32(double *restrict sums, const float *restrict dy, const float *restrict xhat,
+                                 long n, long channels, long plane) {
+    for (long c = 0; c < 2 * channels; c++) sums[c] = 0;
+    if (plane == 1) {
+        for (long b = 0; b < n; b++)
+            for (long c = 0; c < channels; c++) {
+                const float g = dy[b * channels + c];
+                sums[c] += (double)g;
+                sums[channels + c] += (double)(g * xhat[b * channels + c]);
+            }
+        return;
+    }
+    for (long b = 0; b < n; b++)
+        for (long c = 0; c < channels; c++) {
+            const long o = (b * channels + c) * plane;
+            sums[c] += (double)plane_sum(dy + o, plane);
+            sums[channels + c] += (double)plane_dot(dy + o, xhat + o, plane);
+        }
+}
+
+TANDEM_CLONES
+void tandem_bn_input_gradient_f32(float *restrict dx, const float *restrict dy, const float *restrict xhat,
+                                  const float *restrict gamma, const double *restrict invStd, const double *restrict sums,
+                                  long count, long n, long channels, long plane) {
+    const double inv = 1.0 / (double)count;
+    for (long b = 0; b < n; b++)
+        for (long c = 0; c < channels; c++) {
+            const float k = (float)((double)gamma[c] * invStd[c]);
+            const float meanDy = (float)(sums[c] * inv), meanDyXhat = (float)(sums[channels + c] * inv);
+            const long o = (b * channels + c) * plane;
+            for (long i = 0; i < plane; i++) dx[o + i] = k * (dy[o + i] - meanDy - xhat[o + i] * meanDyXhat);
+        }
+}

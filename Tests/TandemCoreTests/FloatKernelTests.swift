@@ -115,3 +115,33 @@ func convolutionInChunksEqualsTheWholeBatch(chunk: Int) {
     let alex = ConvGeometry(input: Shape(64, 14, 14), outChannels: 128, window: Window(kernelH: 3, kernelW: 3, padH: 1, padW: 1), groups: 2)
     #expect(alex.chunkSamples(batch: 64) == 64)
 }
+
+@Test(arguments: [1, 13, 64])
+func floatBatchNormMatchesTheGenericPath(plane: Int) {
+    let n = 3, channels = 5, count = n * channels * plane
+    let xd = values(count, seed: 51, zeros: false).map { $0 * 3 + 1 }, dyd = values(count, seed: 52, zeros: false)
+    let gd = values(channels, seed: 53, zeros: false), bd = values(channels, seed: 54, zeros: false)
+    func run<T: Scalar>(_: T.Type) -> (sums: [Double], y: [T], yEval: [T], dx: [T]) {
+        let x = xd.map { T($0) }, dy = dyd.map { T($0) }, gamma = gd.map { T($0) }, beta = bd.map { T($0) }
+        var s = [Double](repeating: 0, count: 2 * channels), mean = [Double](repeating: 0, count: channels)
+        var invStd = mean
+        channelSums(&s, x, n: n, channels: channels, plane: plane)
+        for c in 0..<channels { mean[c] = s[c] / Double(n * plane) }
+        let means = Array(s[0..<channels])
+        channelSquaredDeviations(&s, x, mean: mean, n: n, channels: channels, plane: plane)
+        for c in 0..<channels { invStd[c] = 1 / (s[c] / Double(n * plane) + 1e-5).squareRoot() }
+        let deviations = Array(s[0..<channels])
+        var y = [T](repeating: 0, count: count), yEval = y, xhat = y, dx = y
+        batchNormApply(&y, xhat: &xhat, x, mean: mean, invStd: invStd, gamma: gamma, beta: beta, n: n, channels: channels, plane: plane)
+        batchNormApply(&yEval, xhat: nil, x, mean: mean, invStd: invStd, gamma: gamma, beta: beta, n: n, channels: channels, plane: plane)
+        batchNormGradientSums(&s, dy, xhat: xhat, n: n, channels: channels, plane: plane)
+        batchNormInputGradient(&dx, dy, xhat: xhat, gamma: gamma, invStd: invStd, sums: s, count: n * plane, n: n, channels: channels, plane: plane)
+        return (means + deviations + s, y, yEval, dx)
+    }
+    let d = run(Double.self), f = run(Float.self)
+    func worst(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).map { abs($0 - $1) }.max()! / a.map(abs).max()! }
+    #expect(worst(d.sums, f.sums) < 1e-5, "sums")
+    #expect(worst(d.y.map { Double($0) }, f.y.map { Double($0) }) < 1e-5, "forward")
+    #expect(worst(d.yEval.map { Double($0) }, f.yEval.map { Double($0) }) < 1e-5, "evaluation forward")
+    #expect(worst(d.dx.map { Double($0) }, f.dx.map { Double($0) }) < 1e-4, "backward")
+}

@@ -50,4 +50,19 @@ void tandem_direct_conv_forward_f32(float *y, float *xp, const float *x, const f
 void tandem_direct_conv_weight_grad_f32(float *dw, float *db, float *acc, const float *dy, const float *xp,
                                         long n, long outC, TandemConvShape s);
 
+/// Batch normalisation over n samples of channels x plane (plane 1: vectors, features contiguous).
+/// Sums are accumulated in double: per plane in eight float lanes, then in double across planes.
+/// sums[c] = sum of x over channel c.
+void tandem_bn_sums_f32(double *sums, const float *x, long n, long channels, long plane);
+/// sums[c] = sum of (x - mean[c])^2 over channel c.
+void tandem_bn_squared_deviations_f32(double *sums, const float *x, const double *mean, long n, long channels, long plane);
+/// y = gamma * (x - mean) * invStd + beta, xhat = (x - mean) * invStd (xhat may be null).
+void tandem_bn_apply_f32(float *y, float *xhat, const float *x, const double *mean, const double *invStd,
+                         const float *gamma, const float *beta, long n, long channels, long plane);
+/// sums[c] = sum of dy, sums[channels + c] = sum of dy * xhat over channel c.
+void tandem_bn_gradient_sums_f32(double *sums, const float *dy, const float *xhat, long n, long channels, long plane);
+/// dx = gamma * invStd * (dy - sums[c] / count - xhat * sums[channels + c] / count).
+void tandem_bn_input_gradient_f32(float *dx, const float *dy, const float *xhat, const float *gamma, const double *invStd,
+                                  const double *sums, long count, long n, long channels, long plane);
+
 #endif

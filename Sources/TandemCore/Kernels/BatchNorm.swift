@@ -1,5 +1,8 @@
+import CKernels
+
 // Batch normalisation (Ioffe and Szegedy 2015), per channel over the batch and the plane
 // (for vectors the plane is 1x1, so it is per feature). Statistics are accumulated in Double.
+// Float runs the C twins in CKernels (sample-major loops, so vectors walk contiguous features).
 //
 // Training: mean and biased variance over the M = N*H*W values of each channel (summed over
 // every part of the batch that shares statistics: threads, and ranks with sync_bn), then
@@ -49,6 +52,7 @@ func vectorDot<T: Scalar>(_ p: UnsafePointer<T>, _ q: UnsafePointer<T>, _ n: Int
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func channelSums<T: Scalar>(_ sums: UnsafeMutablePointer<Double>, _ x: UnsafePointer<T>, n: Int, channels: Int, plane: Int) {
+    if T.self == Float.self { tandem_bn_sums_f32(sums, floats(x), n, channels, plane); return }
     if plane == 1 {
         // Vectors (after a linear layer): features are contiguous, so walk samples outermost.
         sums.update(repeating: 0, count: channels)
@@ -66,6 +70,7 @@ public func channelSums<T: Scalar>(_ sums: UnsafeMutablePointer<Double>, _ x: Un
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func channelSquaredDeviations<T: Scalar>(_ sums: UnsafeMutablePointer<Double>, _ x: UnsafePointer<T>, mean: UnsafePointer<Double>, n: Int, channels: Int, plane: Int) {
+    if T.self == Float.self { tandem_bn_squared_deviations_f32(sums, floats(x), mean, n, channels, plane); return }
     if plane == 1 {
         sums.update(repeating: 0, count: channels)
         for b in 0..<n { let r = x + b * channels; for c in 0..<channels { let d = Double(r[c]) - mean[c]; sums[c] += d * d } }
@@ -85,6 +90,10 @@ public func channelSquaredDeviations<T: Scalar>(_ sums: UnsafeMutablePointer<Dou
 public func batchNormApply<T: Scalar>(_ y: UnsafeMutablePointer<T>, xhat: UnsafeMutablePointer<T>?, _ x: UnsafePointer<T>,
                                       mean: UnsafePointer<Double>, invStd: UnsafePointer<Double>,
                                       gamma: UnsafePointer<T>, beta: UnsafePointer<T>, n: Int, channels: Int, plane: Int) {
+    if T.self == Float.self {
+        tandem_bn_apply_f32(floats(y), xhat.map(floats), floats(x), mean, invStd, floats(gamma), floats(beta), n, channels, plane)
+        return
+    }
     for c in 0..<channels {
         let m = T(mean[c]), s = T(invStd[c]), g = gamma[c], bt = beta[c]
         // y = g * (x - m) * s + bt = x * (g s) + (bt - g m s) when xhat is not needed.
@@ -106,6 +115,7 @@ public func batchNormApply<T: Scalar>(_ y: UnsafeMutablePointer<T>, xhat: Unsafe
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func batchNormGradientSums<T: Scalar>(_ sums: UnsafeMutablePointer<Double>, _ dy: UnsafePointer<T>, xhat: UnsafePointer<T>, n: Int, channels: Int, plane: Int) {
+    if T.self == Float.self { tandem_bn_gradient_sums_f32(sums, floats(dy), floats(xhat), n, channels, plane); return }
     if plane == 1 {
         sums.update(repeating: 0, count: 2 * channels)
         for b in 0..<n {
@@ -132,6 +142,10 @@ public func batchNormGradientSums<T: Scalar>(_ sums: UnsafeMutablePointer<Double
 public func batchNormInputGradient<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dy: UnsafePointer<T>, xhat: UnsafePointer<T>,
                                               gamma: UnsafePointer<T>, invStd: UnsafePointer<Double>, sums: UnsafePointer<Double>,
                                               count: Int, n: Int, channels: Int, plane: Int) {
+    if T.self == Float.self {
+        tandem_bn_input_gradient_f32(floats(dx), floats(dy), floats(xhat), floats(gamma), invStd, sums, count, n, channels, plane)
+        return
+    }
     let inv = 1.0 / Double(count)
     for c in 0..<channels {
         let k = T(Double(gamma[c]) * invStd[c])
