@@ -257,6 +257,10 @@ void tandem_col2im_f32(float *restrict dx, const float *restrict dcol, long g, l
 
 long tandem_direct_row(long outW) { return (outW + 7) / 8 * 8; }
 
+long tandem_direct_grad_scratch(long outC, TandemConvShape s) {
+    return outC * s.inC * s.kH * s.kW * 8 + s.outH * tandem_direct_row(s.outW);
+}
+
 long tandem_direct_padded_count(long n, TandemConvShape s) {
     return n * s.inC * (s.outH + s.kH - 1) * (tandem_direct_row(s.outW) + s.kW - 1);
 }
@@ -288,7 +292,11 @@ static inline void direct_block_##OB(float *y, const float *xp, const float *w, 
     } \
 }
 DIRECT_BLOCK(8)
+DIRECT_BLOCK(7)
+DIRECT_BLOCK(6)
+DIRECT_BLOCK(5)
 DIRECT_BLOCK(4)
+DIRECT_BLOCK(3)
 DIRECT_BLOCK(2)
 DIRECT_BLOCK(1)
 
@@ -310,34 +318,40 @@ void tandem_direct_conv_forward_f32(float *restrict y, float *restrict xp, const
         float *yb = y + b * outC * outPlane;
         for (long oh = 0; oh < s.outH; oh++)
             for (long chunk = 0; chunk < s.outW; chunk += 8) {
+                // Eight output channels at a time, then the rest in one block (LeNet-5's 6 in one).
                 long oc = 0;
                 for (; oc + 8 <= outC; oc += 8) direct_block_8(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp);
-                if (oc + 4 <= outC) { direct_block_4(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); oc += 4; }
-                if (oc + 2 <= outC) { direct_block_2(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); oc += 2; }
-                if (oc < outC) direct_block_1(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp);
+                switch (outC - oc) {
+                case 7: direct_block_7(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
+                case 6: direct_block_6(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
+                case 5: direct_block_5(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
+                case 4: direct_block_4(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
+                case 3: direct_block_3(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
+                case 2: direct_block_2(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
+                case 1: direct_block_1(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
+                default: break;
+                }
             }
     }
 }
 
 // The kW vector sums of one (oc, c, ki) over one sample's plane: sum[kj] += dy[oh, ow] * xp[oh + ki, ow + kj],
-// eight columns at a time (the last chunk's lanes past outW are zero). With KW known at compile
-// time the sums stay in registers.
+// eight columns at a time from dyp, the plane's dy copied into rows of W8 (a multiple of 8) with zeros
+// past outW, so no chunk needs a tail. With KW known at compile time the sums stay in registers.
 #define WEIGHT_SUMS_BODY(KW) \
     f8 sum[8]; \
     for (long kj = 0; kj < (KW); kj++) sum[kj] = load_f8(a + kj * 8); \
     for (long oh = 0; oh < outH; oh++) { \
-        const float *row = rows + oh * Wp, *g = dyp + oh * outW; \
-        for (long chunk = 0; chunk < outW; chunk += 8) { \
-            f8 gv; \
-            if (chunk + 8 <= outW) gv = load_f8(g + chunk); \
-            else { gv = (f8)0.0f; for (long l = 0; l < outW - chunk; l++) gv[l] = g[chunk + l]; } \
+        const float *row = rows + oh * Wp, *g = dyp + oh * W8; \
+        for (long chunk = 0; chunk < W8; chunk += 8) { \
+            const f8 gv = load_f8(g + chunk); \
             for (long kj = 0; kj < (KW); kj++) sum[kj] += gv * load_f8(row + chunk + kj); \
         } \
     } \
     for (long kj = 0; kj < (KW); kj++) __builtin_memcpy(a + kj * 8, &sum[kj], sizeof(f8));
-static inline void weight_sums_3(float *a, const float *rows, const float *dyp, long outH, long outW, long Wp) { WEIGHT_SUMS_BODY(3) }
-static inline void weight_sums_5(float *a, const float *rows, const float *dyp, long outH, long outW, long Wp) { WEIGHT_SUMS_BODY(5) }
-static inline void weight_sums_any(float *a, const float *rows, const float *dyp, long outH, long outW, long Wp, long kW) { WEIGHT_SUMS_BODY(kW) }
+static inline void weight_sums_3(float *a, const float *rows, const float *dyp, long outH, long W8, long Wp) { WEIGHT_SUMS_BODY(3) }
+static inline void weight_sums_5(float *a, const float *rows, const float *dyp, long outH, long W8, long Wp) { WEIGHT_SUMS_BODY(5) }
+static inline void weight_sums_any(float *a, const float *rows, const float *dyp, long outH, long W8, long Wp, long kW) { WEIGHT_SUMS_BODY(kW) }
 
 // dw[oc, c, ki, kj] = sum over samples and output positions of dy[oc, oh, ow] * xp[c, oh + ki, ow + kj]:
 // per sample (its dy and padded input stay in L1), each (oc, c, ki) keeps kW vector sums in registers
@@ -347,19 +361,24 @@ void tandem_direct_conv_weight_grad_f32(float *restrict dw, float *restrict db, 
                                         const float *restrict xp, long n, long outC, TandemConvShape s) {
     const long Hp = s.outH + s.kH - 1, Wp = tandem_direct_row(s.outW) + s.kW - 1, outPlane = s.outH * s.outW;
     const long K = s.inC * s.kH * s.kW;
+    const long W8 = tandem_direct_row(s.outW);
+    float *dyp = acc + outC * K * 8;
     for (long i = 0; i < outC * K * 8; i++) acc[i] = 0;
+    for (long i = 0; i < s.outH * W8; i++) dyp[i] = 0;
     for (long b = 0; b < n; b++) {
         const float *xb = xp + b * s.inC * Hp * Wp;
         for (long oc = 0; oc < outC; oc++) {
-            const float *dyp = dy + (b * outC + oc) * outPlane;
+            const float *src = dy + (b * outC + oc) * outPlane;
+            for (long oh = 0; oh < s.outH; oh++)
+                for (long ow = 0; ow < s.outW; ow++) dyp[oh * W8 + ow] = src[oh * s.outW + ow];
             for (long c = 0; c < s.inC; c++)
                 for (long ki = 0; ki < s.kH; ki++) {
                     float *a = acc + (oc * K + (c * s.kH + ki) * s.kW) * 8;
                     const float *rows = xb + (c * Hp + ki) * Wp;
                     switch (s.kW) {
-                    case 3: weight_sums_3(a, rows, dyp, s.outH, s.outW, Wp); break;
-                    case 5: weight_sums_5(a, rows, dyp, s.outH, s.outW, Wp); break;
-                    default: weight_sums_any(a, rows, dyp, s.outH, s.outW, Wp, s.kW); break;
+                    case 3: weight_sums_3(a, rows, dyp, s.outH, W8, Wp); break;
+                    case 5: weight_sums_5(a, rows, dyp, s.outH, W8, Wp); break;
+                    default: weight_sums_any(a, rows, dyp, s.outH, W8, Wp, s.kW); break;
                     }
                 }
         }

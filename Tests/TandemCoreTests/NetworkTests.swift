@@ -434,4 +434,19 @@ private let dagLayers: [LayerSpec] = [
         #expect(g.error <= 1e-3, "gradient of \(g.tensor) differs by \(g.error)")
         #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
     }
+
+    /// First layers that take the direct convolution: every remainder of output channels after
+    /// blocks of eight, kernel widths 3, 5 (specialised) and 7 (generic), padding, bias or none, 1-3 channels.
+    @Test(arguments: [(1, 6, 5, 2, true), (3, 11, 3, 1, false), (2, 16, 7, 3, true), (1, 3, 5, 0, true), (4, 13, 3, 0, true)])
+    func directFirstConvolutionMatchesTheDoubleStep(channels: Int, outChannels: Int, kernel: Int, pad: Int, bias: Bool) throws {
+        let input = Shape(channels, 12, 19)
+        let layers = [conv("c", outChannels, k: kernel, p: pad, bias: bias), layer("r", .relu),
+                      layer("f", .flatten), layer("fc", .linear(outFeatures: 10, bias: true))]
+        let graph = try Graph(input: input, layers: layers)
+        let f = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
+        let d = try trainOnce(Double.self, input: input, layers, batch: 3, parts: 1)
+        let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)
+        #expect(g.error <= 1e-4, "gradient of \(g.tensor) differs by \(g.error)")
+        #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
+    }
 }

@@ -46,7 +46,8 @@ void tandem_direct_conv_forward_f32(float *y, float *xp, const float *x, const f
                                     long n, long outC, TandemConvShape s);
 
 /// Its weight and bias gradients (added to dw, db; db may be null) from dy and the padded input.
-/// `acc` is a scratch of outC * inC * kH * kW * 8 floats.
+/// `acc` is a scratch of tandem_direct_grad_scratch(outC, s) floats.
+long tandem_direct_grad_scratch(long outC, TandemConvShape s);
 void tandem_direct_conv_weight_grad_f32(float *dw, float *db, float *acc, const float *dy, const float *xp,
                                         long n, long outC, TandemConvShape s);
 

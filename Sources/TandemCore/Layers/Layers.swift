@@ -25,7 +25,7 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
         dcol = own(allocateZeroed(T.self, count: perGroup))
         if T.self == Float.self && g.allowsDirect {
             padded = own(allocateZeroed(Float.self, count: tandem_direct_padded_count(capacity, g.c)))
-            sums = own(allocateZeroed(Float.self, count: g.outC * g.k * 8))
+            sums = own(allocateZeroed(Float.self, count: tandem_direct_grad_scratch(g.outC, g.c)))
         }
     }
 
