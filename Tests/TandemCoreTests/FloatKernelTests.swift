@@ -108,12 +108,15 @@ func convolutionInChunksEqualsTheWholeBatch(chunk: Int) {
 }
 
 @Test func chunkSizesKeepTheColumnMatrixInCache() {
-    // LeNet-5's conv2 (K = 150, 10x10 outputs): 8 samples of 60 KB; the small AlexNet's conv2: the whole batch.
+    // LeNet-5's conv2 (K = 150, 10x10 outputs): 8 samples of 60 KB (at most 8); the small AlexNet's conv2
+    // (K = 288 per group, 14x14): 4 samples of 226 KB; a 2x2 output plane: too few columns, the whole batch.
     let lenet = ConvGeometry(input: Shape(6, 14, 14), outChannels: 16, window: Window(kernelH: 5, kernelW: 5), groups: 1)
     #expect(lenet.chunkSamples(batch: 64) == 8)
     #expect(lenet.chunkSamples(batch: 5) == 5)
     let alex = ConvGeometry(input: Shape(64, 14, 14), outChannels: 128, window: Window(kernelH: 3, kernelW: 3, padH: 1, padW: 1), groups: 2)
-    #expect(alex.chunkSamples(batch: 64) == 64)
+    #expect(alex.chunkSamples(batch: 64) == 4)
+    let tiny = ConvGeometry(input: Shape(8, 4, 4), outChannels: 8, window: Window(kernelH: 3, kernelW: 3), groups: 1)
+    #expect(tiny.chunkSamples(batch: 64) == 64)
 }
 
 @Test(arguments: [1, 13, 64])

@@ -32,13 +32,15 @@ public struct ConvGeometry: Sendable {
                         kH: window.kernelH, kW: window.kernelW, sH: window.strideH, sW: window.strideW, pH: window.padH, pW: window.padW)
     }
     /// Samples per im2col + GEMM for a batch of `n`: as many as keep one chunk's column matrix within
-    /// `budget` bytes (so that the GEMM reads it from cache right after im2col wrote it), but only when
-    /// that still gives the GEMM at least 512 columns; otherwise the whole batch. LeNet-5's conv2 (150 x
-    /// 100 per sample): 8 samples; the small AlexNet's convolutions: the whole batch.
-    public func chunkSamples(batch n: Int, budget: Int = 512 << 10) -> Int {
+    /// `budget` bytes (a core's L2, so that the GEMM reads it from cache right after im2col wrote it),
+    /// at most 8, and only when that still gives the GEMM at least 128 columns; otherwise the whole
+    /// batch. Measured (1 thread, batch 64): LeNet-5's conv2 (150 x 100 per sample) best at 8 samples
+    /// (0.84-0.90 ms forward, 1.1-1.2 at 16, 1.5 whole); the small AlexNet's conv2 at 4 (13.5 ms forward,
+    /// 16-19.5 whole).
+    public func chunkSamples(batch n: Int, budget: Int = 1 << 20) -> Int {
         let perSample = max(1, k * outPlane * 4)
-        let c = max(1, budget / perSample)
-        return c * outPlane >= 512 && c < n ? c : n
+        let c = min(8, max(1, budget / perSample))
+        return c * outPlane >= 128 && c < n ? c : n
     }
 
     /// Shapes the direct kernel takes: stride 1, one group, at most 4 input channels, kernel width <= 8.
