@@ -510,3 +510,30 @@ void tandem_bn_input_gradient_f32(float *restrict dx, const float *restrict dy, 
             for (long i = 0; i < plane; i++) dx[o + i] = k * (dy[o + i] - meanDy - xhat[o + i] * meanDyXhat);
         }
 }
+
+// MARK: optimiser
+
+// The loop-invariant choices are hoisted so that each loop is straight-line and vectorises.
+#define SGD_LOOP(GRAD, UPDATE) \
+    for (long i = 0; i < count; i++) { \
+        const float wi = w[i]; \
+        const float grad = GRAD; \
+        const float vel = momentum * v[i] + grad; \
+        v[i] = vel; \
+        w[i] = wi - lr * (UPDATE); \
+    }
+
+TANDEM_CLONES
+void tandem_sgd_f32(float *restrict w, const float *restrict g, float *restrict v, long count, float lr, float momentum,
+                    int nesterov, float l2, float l1) {
+    if (l1 != 0) {
+        if (nesterov) { SGD_LOOP(g[i] + l2 * wi + l1 * (float)((wi > 0) - (wi < 0)), grad + momentum * vel) }
+        else { SGD_LOOP(g[i] + l2 * wi + l1 * (float)((wi > 0) - (wi < 0)), vel) }
+    } else if (l2 != 0) {
+        if (nesterov) { SGD_LOOP(g[i] + l2 * wi, grad + momentum * vel) }
+        else { SGD_LOOP(g[i] + l2 * wi, vel) }
+    } else {
+        if (nesterov) { SGD_LOOP(g[i], grad + momentum * vel) }
+        else { SGD_LOOP(g[i], vel) }
+    }
+}

@@ -148,3 +148,18 @@ func floatBatchNormMatchesTheGenericPath(plane: Int) {
     #expect(worst(d.yEval.map { Double($0) }, f.yEval.map { Double($0) }) < 1e-5, "evaluation forward")
     #expect(worst(d.dx.map { Double($0) }, f.dx.map { Double($0) }) < 1e-4, "backward")
 }
+
+@Test(arguments: [(false, 0.0, 0.0), (true, 0.0, 0.0), (false, 1e-3, 0.0), (true, 1e-3, 0.0), (false, 1e-3, 1e-4), (true, 0.0, 1e-4)])
+func floatSGDMatchesTheGenericPath(nesterov: Bool, l2: Double, l1: Double) {
+    let n = 37   // a vector tail too; 40% of the weights start at zero, where sign(w) = 0
+    var wd = values(n, seed: 61, zeros: true), vd = values(n, seed: 62, zeros: false)
+    let gd = values(n, seed: 63, zeros: false)
+    var wf = wd.map { Float($0) }, vf = vd.map { Float($0) }
+    let gf = gd.map { Float($0) }
+    for _ in 0..<3 {
+        sgdUpdate(&wd, gd, &vd, count: n, lr: 0.1, momentum: 0.9, nesterov: nesterov, l2: l2, l1: l1)
+        sgdUpdate(&wf, gf, &vf, count: n, lr: 0.1, momentum: 0.9, nesterov: nesterov, l2: Float(l2), l1: Float(l1))
+    }
+    #expect(zip(wf, wd).allSatisfy { abs(Double($0) - $1) < 1e-5 }, "weights")
+    #expect(zip(vf, vd).allSatisfy { abs(Double($0) - $1) < 1e-5 }, "velocity")
+}

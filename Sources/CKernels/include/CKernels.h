@@ -66,4 +66,8 @@ void tandem_bn_gradient_sums_f32(double *sums, const float *dy, const float *xha
 void tandem_bn_input_gradient_f32(float *dx, const float *dy, const float *xhat, const float *gamma, const double *invStd,
                                   const double *sums, long count, long n, long channels, long plane);
 
+/// One SGD step on count parameters (PyTorch's formulation): g = grad + l2 * w + l1 * sign(w),
+/// v = momentum * v + g, w -= lr * (nesterov ? g + momentum * v : v).
+void tandem_sgd_f32(float *w, const float *g, float *v, long count, float lr, float momentum, int nesterov, float l2, float l1);
+
 #endif

@@ -1,3 +1,5 @@
+import CKernels
+
 // Mini-batch stochastic gradient descent with momentum (PyTorch's formulation) on the flat
 // parameter buffer:
 //   g = grad + l2 * w + l1 * sign(w)        (regularisation on weights only, not biases or BN)
@@ -49,6 +51,10 @@ public final class SGD<T: Scalar> {
 @_specialize(where T == Double)
 public func sgdUpdate<T: Scalar>(_ w: UnsafeMutablePointer<T>, _ g: UnsafePointer<T>, _ v: UnsafeMutablePointer<T>, count: Int,
                                  lr: T, momentum: T, nesterov: Bool, l2: T, l1: T) {
+    if T.self == Float.self {
+        tandem_sgd_f32(floats(w), floats(g), floats(v), count, Float(lr), Float(momentum), nesterov ? 1 : 0, Float(l2), Float(l1))
+        return
+    }
     for i in 0..<count {
         var grad = g[i]
         if l2 != 0 { grad += l2 * w[i] }
