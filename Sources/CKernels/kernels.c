@@ -537,3 +537,15 @@ void tandem_sgd_f32(float *restrict w, const float *restrict g, float *restrict 
         else { SGD_LOOP(g[i], vel) }
     }
 }
+
+TANDEM_CLONES
+void tandem_maxpool_backward_f32(float *restrict dx, const float *restrict dy, const int32_t *restrict argmax,
+                                 long planes, long inPlane, long outPlane) {
+    for (long p = 0; p < planes; p++) {
+        float *d = dx + p * inPlane;
+        const float *g = dy + p * outPlane;
+        const int32_t *a = argmax + p * outPlane;
+        for (long i = 0; i < inPlane; i++) d[i] = 0;
+        for (long o = 0; o < outPlane; o++) d[a[o]] += g[o];
+    }
+}

@@ -70,4 +70,7 @@ void tandem_bn_input_gradient_f32(float *dx, const float *dy, const float *xhat,
 /// v = momentum * v + g, w -= lr * (nesterov ? g + momentum * v : v).
 void tandem_sgd_f32(float *w, const float *g, float *v, long count, float lr, float momentum, int nesterov, float l2, float l1);
 
+/// Max pooling backward: dx (planes x inPlane) zeroed, then each output gradient added at its argmax.
+void tandem_maxpool_backward_f32(float *dx, const float *dy, const int32_t *argmax, long planes, long inPlane, long outPlane);
+
 #endif

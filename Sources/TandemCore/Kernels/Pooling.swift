@@ -124,6 +124,11 @@ func maxPool2x2Row4(_ d: UnsafeMutablePointer<Float>, _ g: UnsafeMutablePointer<
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func maxPoolBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dy: UnsafePointer<T>, argmax: UnsafePointer<Int32>, n: Int, _ s: PoolGeometry) {
+    if T.self == Float.self {
+        // Plane by plane, so each plane is zeroed and filled while it is in cache.
+        tandem_maxpool_backward_f32(floats(dx), floats(dy), argmax, n * s.channels, s.inPlane, s.outPlane)
+        return
+    }
     dx.update(repeating: 0, count: n * s.channels * s.inPlane)
     for p in 0..<(n * s.channels) {
         let d = dx + p * s.inPlane
