@@ -35,7 +35,7 @@ let package = Package(
         .target(name: "TandemMPI", dependencies: ["CMPI", "TandemComm"]),
         // Training: configs, data pipeline, loop, metrics, plots, checkpoints.
         .target(name: "TandemTrain", dependencies: [
-            "TandemCore", "TandemData", "TandemComm", "Yams",
+            "TandemCore", "CKernels", "TandemData", "TandemComm", "Yams",
         ]),
         .executableTarget(name: "trainer", dependencies: [
             "TandemTrain", "TandemMPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -44,7 +44,7 @@ let package = Package(
         // Runs every collective under mpirun and checks the values; `--overlap-bench` times Iallreduce overlap.
         .executableTarget(name: "mpi-selftest", dependencies: ["TandemComm", "TandemMPI"]),
 
-        .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"]),
+        .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore", "CKernels"]),
         .testTarget(name: "TandemDataTests", dependencies: ["TandemData", "CZlib"]),
         .testTarget(name: "TandemCommTests", dependencies: ["TandemComm"]),
         .testTarget(name: "TandemTrainTests", dependencies: ["TandemTrain", "TandemData", "TandemComm", "TandemCore"]),

@@ -402,7 +402,8 @@ void tandem_direct_conv_weight_grad_f32(float *restrict dw, float *restrict db, 
 // MARK: batch normalisation
 
 // Sum of p[0..<m] and of p[i] * q[i] (q may be null), and of (p[i] - mean)^2, in eight float lanes.
-static inline float lane_sum(f8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+// A macro, not a function: passing an 8-float vector to a function changes the ABI without AVX.
+#define lane_sum(v) ({ const f8 u_ = (v); ((u_[0] + u_[1]) + (u_[2] + u_[3])) + ((u_[4] + u_[5]) + (u_[6] + u_[7])); })
 
 static inline float plane_sum(const float *p, long m) {
     f8 acc = (f8)0.0f;
@@ -548,4 +549,14 @@ void tandem_maxpool_backward_f32(float *restrict dx, const float *restrict dy, c
         for (long i = 0; i < inPlane; i++) d[i] = 0;
         for (long o = 0; o < outPlane; o++) d[a[o]] += g[o];
     }
+}
+
+TANDEM_CLONES
+int tandem_all_finite_f32(const float *restrict p, long count) {
+    f8 acc = (f8)0.0f;
+    long i = 0;
+    for (; i + 8 <= count; i += 8) acc += load_f8(p + i) * 0.0f;
+    float t = lane_sum(acc);
+    for (; i < count; i++) t += p[i] * 0.0f;
+    return t == 0.0f;
 }

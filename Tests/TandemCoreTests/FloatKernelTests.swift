@@ -1,6 +1,7 @@
 // The Float32 C kernels (CKernels: vector square roots, AVX2 + FMA at run time) against the generic
 // Swift path in Double that the gradient checks run: same maxima and argmax for pooling, the same
 // LRN forward and backward to Float precision, on shapes that reach every vector and border path.
+import CKernels
 import Testing
 @testable import TandemCore
 
@@ -162,4 +163,17 @@ func floatSGDMatchesTheGenericPath(nesterov: Bool, l2: Double, l1: Double) {
     }
     #expect(zip(wf, wd).allSatisfy { abs(Double($0) - $1) < 1e-5 }, "weights")
     #expect(zip(vf, vd).allSatisfy { abs(Double($0) - $1) < 1e-5 }, "velocity")
+}
+
+@Test func allFiniteFindsANaNOrInfAnywhere() {
+    var x = values(45, seed: 71, zeros: true).map { Float($0) * 1e30 }   // large but finite
+    #expect(tandem_all_finite_f32(x, x.count) == 1)
+    for bad in [Float.nan, .infinity, -.infinity] {
+        for i in [0, 7, 8, 40, 44] {   // vector body and tail
+            let keep = x[i]
+            x[i] = bad
+            #expect(tandem_all_finite_f32(x, x.count) == 0, "\(bad) at \(i)")
+            x[i] = keep
+        }
+    }
 }

@@ -73,4 +73,7 @@ void tandem_sgd_f32(float *w, const float *g, float *v, long count, float lr, fl
 /// Max pooling backward: dx (planes x inPlane) zeroed, then each output gradient added at its argmax.
 void tandem_maxpool_backward_f32(float *dx, const float *dy, const int32_t *argmax, long planes, long inPlane, long outPlane);
 
+/// 1 when every p[i] is finite (no NaN, no Inf), else 0. Branch-free: x * 0 is NaN exactly when x is.
+int tandem_all_finite_f32(const float *p, long count);
+
 #endif

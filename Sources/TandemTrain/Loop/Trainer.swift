@@ -2,6 +2,7 @@
 // (the config's batch size) is split evenly over the replicas, every rank computing the same
 // permutation and taking its own slice, so the samples of each global step are exactly those a
 // single process uses. Gradients are averaged through `GradientSync`; only rank 0 prints and writes.
+import CKernels
 import Foundation
 import TandemComm
 import TandemCore
@@ -284,7 +285,7 @@ public final class Trainer {
             throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf)\(firstNonFinite(count: mine.count).map { "; it first appeared in \($0)" } ?? ""); lower the learning rate, or run `trainer debug` for every layer's statistics")
         }
         // Gradients are the same on every replica after the allreduce, so every rank stops together.
-        if let i = net.gradients.firstIndex(where: { !$0.isFinite }) {
+        if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0, let i = net.gradients.firstIndex(where: { !$0.isFinite }) {
             let tensor = graph.parameters.first { $0.offset <= i && i < $0.offset + $0.count }?.name ?? "?"
             throw TrainingError("step \(step): the gradient of '\(tensor)' holds NaN or Inf\(firstNonFinite(count: mine.count).map { "; the activations first went bad in \($0)" } ?? ""); lower the learning rate, or run `trainer debug`")
         }
