@@ -257,6 +257,8 @@ void tandem_col2im_f32(float *restrict dx, const float *restrict dcol, long g, l
 
 long tandem_direct_row(long outW) { return (outW + 7) / 8 * 8; }
 
+static inline float plane_sum(const float *p, long m);   // with the batch-norm kernels below
+
 long tandem_direct_grad_scratch(long outC, TandemConvShape s) {
     return outC * s.inC * s.kH * s.kW * 8 + s.outH * tandem_direct_row(s.outW);
 }
@@ -390,12 +392,11 @@ void tandem_direct_conv_weight_grad_f32(float *restrict dw, float *restrict db, 
     }
     if (db)
         for (long oc = 0; oc < outC; oc++) {
-            float t = 0;
-            for (long b = 0; b < n; b++) {
-                const float *g = dy + (b * outC + oc) * outPlane;
-                for (long i = 0; i < outPlane; i++) t += g[i];
-            }
-            db[oc] += t;
+            // Per plane in eight float lanes, across planes in double: a single float sum over
+            // 100,000 values (LeNet-5's conv1 at batch 128) would lose digits.
+            double t = 0;
+            for (long b = 0; b < n; b++) t += (double)plane_sum(dy + (b * outC + oc) * outPlane, outPlane);
+            db[oc] += (float)t;
         }
 }
 
@@ -524,9 +525,12 @@ void tandem_bn_input_gradient_f32(float *restrict dx, const float *restrict dy, 
         w[i] = wi - lr * (UPDATE); \
     }
 
+// No fused multiply-adds: the AVX2 clone and the baseline clone must give the same weights, bit for
+// bit, or replicas on different CPUs would drift apart from the same averaged gradients.
 TANDEM_CLONES
 void tandem_sgd_f32(float *restrict w, const float *restrict g, float *restrict v, long count, float lr, float momentum,
                     int nesterov, float l2, float l1) {
+#pragma clang fp contract(off)
     if (l1 != 0) {
         if (nesterov) { SGD_LOOP(g[i] + l2 * wi + l1 * (float)((wi > 0) - (wi < 0)), grad + momentum * vel) }
         else { SGD_LOOP(g[i] + l2 * wi + l1 * (float)((wi > 0) - (wi < 0)), vel) }

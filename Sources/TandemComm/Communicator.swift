@@ -36,6 +36,10 @@ public protocol Communicator: AnyObject {
     /// - Returns: a request to poll with `test()` (which also drives progress) or finish with `wait()`.
     func startAllreduceSum(_ buffer: UnsafeMutablePointer<Float>, count: Int) throws -> CommRequest
 
+    /// The same, reusing `request` (a completed request this communicator returned before) so that
+    /// nothing is allocated; any other value is ignored.
+    func startAllreduceSum(_ buffer: UnsafeMutablePointer<Float>, count: Int, reusing request: CommRequest?) throws -> CommRequest
+
     /// Copies `bytes` bytes from `root`'s buffer into every other rank's buffer.
     func broadcast(_ buffer: UnsafeMutableRawPointer, bytes: Int, root: Int) throws
 
@@ -70,6 +74,11 @@ public protocol Communicator: AnyObject {
 extension Communicator {
     /// The in-process backends: every communicator is independent of the others.
     public var allowsConcurrentCommunicators: Bool { true }
+
+    /// The in-process backends finish at once; their requests hold nothing to reuse.
+    public func startAllreduceSum(_ buffer: UnsafeMutablePointer<Float>, count: Int, reusing request: CommRequest?) throws -> CommRequest {
+        try startAllreduceSum(buffer, count: count)
+    }
 }
 
 /// An operation started by a non-blocking collective.

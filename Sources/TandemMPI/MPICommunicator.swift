@@ -136,13 +136,27 @@ public final class MPICommunicator: Communicator {
     /// MPI_Iallreduce with MPI_IN_PLACE (one request per chunk of `maxCountPerCall` elements).
     /// OpenMPI progresses it only inside MPI calls: poll `test()` while computing to overlap.
     public func startAllreduceSum(_ buffer: UnsafeMutablePointer<Float>, count: Int) throws -> CommRequest {
+        try startAllreduceSum(buffer, count: count, reusing: nil)
+    }
+
+    public func startAllreduceSum(_ buffer: UnsafeMutablePointer<Float>, count: Int, reusing old: CommRequest?) throws -> CommRequest {
         precondition(count >= 0, "startAllreduceSum: negative count \(count)")
-        let request = MPIRequest(communicator: self)
-        for (offset, n) in chunks(count) {
+        let request: MPIRequest
+        if let old = old as? MPIRequest, old.communicator === self, old.isComplete {
+            request = old
+            request.handles.removeAll(keepingCapacity: true)
+        } else {
+            request = MPIRequest(communicator: self)
+        }
+        // In chunks of at most maxCountPerCall elements, without building a list of them.
+        var offset = 0
+        repeat {
+            let n = min(maxCountPerCall, count - offset)
             var handle: MPI_Request? = tandem_MPI_REQUEST_NULL()
             try check(MPI_Iallreduce(tandem_MPI_IN_PLACE(), buffer + offset, Int32(n), tandem_MPI_FLOAT(), tandem_MPI_SUM(), comm, &handle), "MPI_Iallreduce")
             request.handles.append(handle)
-        }
+            offset += n
+        } while offset < count
         return request
     }
 

@@ -7,7 +7,7 @@ import TandemComm
 final class MPIRequest: CommRequest {
     /// One handle per chunk; MPI_Test and MPI_Wait set finished ones to MPI_REQUEST_NULL.
     var handles: [MPI_Request?] = []
-    private let communicator: MPICommunicator
+    let communicator: MPICommunicator
 
     init(communicator: MPICommunicator) {
         self.communicator = communicator
@@ -21,6 +21,9 @@ final class MPIRequest: CommRequest {
             _ = MPI_Wait(&handles[i], tandem_MPI_STATUS_IGNORE())
         }
     }
+
+    /// Every handle finished (a request in this state may be reused).
+    var isComplete: Bool { handles.allSatisfy { $0 == tandem_MPI_REQUEST_NULL() } }
 
     func test() throws -> Bool {
         var complete = true

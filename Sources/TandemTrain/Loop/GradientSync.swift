@@ -62,7 +62,7 @@ public final class GradientSync: GradientObserver {
         }
         if end > 0 { cuts.append(0..<end) }
         buckets = mode == .after ? [0..<graph.parameterCount] : cuts
-        if mode == .overlap && comm.size > 1 {
+        if mode == .overlap && comm.size > 1 && graph.parameterCount > 0 {
             // Its own communicator, so that its allreduces never interleave with the training
             // thread's collectives on `comm` (loss sums, sync BN, checkpoints).
             worker = SyncWorker(comm: try comm.split(color: 0, key: comm.rank), base: gradients.baseAddress!, buckets: buckets)
@@ -112,25 +112,37 @@ public final class GradientSync: GradientObserver {
 /// The sync thread: allreduces buckets 0, 1, 2, ... of each step in order, each once the training
 /// thread releases it. Waits sleep on semaphores (no spinning); a step allocates nothing.
 private final class SyncWorker: @unchecked Sendable {
-    let comm: Communicator
+    /// The thread's own communicator; dropped by `stop` on the caller's thread once the sync thread
+    /// has ended, so that it is freed (MPI_Comm_free) before the program finalises MPI.
+    private var comm: Communicator?
     let base: UnsafeMutablePointer<Float>
     let buckets: [Range<Int>]
     private let releasedSignal = DispatchSemaphore(value: 0)
     private let doneSignal = DispatchSemaphore(value: 0)
+    private let exited = DispatchSemaphore(value: 0)
     /// Per bucket, this step's start and end times (read by the training thread after `waitForAll`).
     let started: UnsafeMutablePointer<Double>
     let ended: UnsafeMutablePointer<Double>
+    /// Per bucket, its request, reused step after step (a step allocates nothing).
+    private var requests: [CommRequest?]
     private(set) var busySeconds = 0.0
     private var error: Error?
-    private var stopping = false
+    private let stopping = Atomic<Bool>(false)
+    /// Set while the training thread is blocked in `waitForAll`.
+    private let trainingWaits = Atomic<Bool>(false)
 
     init(comm: Communicator, base: UnsafeMutablePointer<Float>, buckets: [Range<Int>]) {
+        precondition(!buckets.isEmpty, "SyncWorker needs at least one bucket")
         self.comm = comm
         self.base = base
         self.buckets = buckets
         started = .allocate(capacity: buckets.count)
         ended = .allocate(capacity: buckets.count)
-        let thread = Thread { [self] in run() }
+        requests = Array(repeating: nil, count: buckets.count)
+        let thread = Thread { [self] in
+            run()
+            exited.signal()
+        }
         thread.name = "tandem-gradient-sync"
         thread.start()
     }
@@ -148,15 +160,25 @@ private final class SyncWorker: @unchecked Sendable {
 
     func takeError() -> Error? { defer { error = nil }; return error }
 
-    /// Ends the thread (it holds a reference to self until then).
-    func stop() { stopping = true; releasedSignal.signal() }
+    /// Ends the thread and waits for it (up to 10 s: a thread stuck in a collective with a dead rank
+    /// is left to the job's end), then drops the communicator on the calling thread.
+    func stop() {
+        stopping.store(true, ordering: .releasing)
+        releasedSignal.signal()
+        if exited.wait(timeout: .now() + 10) == .success {
+            requests = []
+            comm = nil
+        }
+    }
 
     /// One bucket: a non-blocking allreduce polled with naps while the training thread computes
     /// (so that waiting for the other rank to release the same bucket takes no compute time from
     /// this rank's core, and the reduction still progresses during backward), polled back to back
     /// once the training thread waits for it.
-    private func allreduce(_ b: Range<Int>) throws {
-        let request = try comm.startAllreduceSum(base + b.lowerBound, count: b.count)
+    private func allreduce(_ i: Int, _ comm: Communicator) throws {
+        let b = buckets[i]
+        let request = try comm.startAllreduceSum(base + b.lowerBound, count: b.count, reusing: requests[i])
+        requests[i] = request
         while try !request.test() {
             if trainingWaits.load(ordering: .acquiring) { sched_yield() } else { usleep(Self.napMicroseconds) }
         }
@@ -165,19 +187,17 @@ private final class SyncWorker: @unchecked Sendable {
     /// Between polls while backward runs; with the kernel's default timer slack a nap lasts 50-80 us
     /// (a 1 us slack, polling more often, was slower: 26,852-29,732 img/s against 29,154-29,863).
     static let napMicroseconds: UInt32 = 20
-    /// Set while the training thread is blocked in `waitForAll`.
-    private let trainingWaits = Atomic<Bool>(false)
 
     private func run() {
+        guard let comm else { return }
         while true {
             for i in buckets.indices {
                 releasedSignal.wait()
-                if stopping { return }
-                let b = buckets[i]
+                if stopping.load(ordering: .acquiring) { return }
                 let t0 = Clock.now
                 // After a failure, the rest of the step's buckets are skipped; `finish` throws it.
                 if error == nil {
-                    do { try allreduce(b) } catch { self.error = error }
+                    do { try allreduce(i, comm) } catch { self.error = error }
                 }
                 let t1 = Clock.now
                 started[i] = t0; ended[i] = t1
