@@ -118,6 +118,10 @@ func convolutionInChunksEqualsTheWholeBatch(chunk: Int) {
     #expect(alex.chunkSamples(batch: 64) == 4)
     let tiny = ConvGeometry(input: Shape(8, 4, 4), outChannels: 8, window: Window(kernelH: 3, kernelW: 3), groups: 1)
     #expect(tiny.chunkSamples(batch: 64) == 64)
+    // The layer sizes its GEMM scratch for the chunk of its capacity: no smaller batch may need more.
+    for geometry in [lenet, alex, tiny] {
+        for n in 1...64 { #expect(geometry.chunkSamples(batch: n) <= geometry.chunkSamples(batch: 64)) }
+    }
 }
 
 @Test(arguments: [1, 13, 64])

@@ -43,6 +43,11 @@ public struct ConvGeometry: Sendable {
         return c * outPlane >= 128 && c < n ? c : n
     }
 
+    /// Where the column matrix of group `g`'s chunk starting at sample `s0` lies in `cols` for a batch
+    /// of `n`: each group's block holds its chunks' matrices one after another (forward writes them,
+    /// backward reads them).
+    func columnsOffset(group g: Int, sample s0: Int, batch n: Int) -> Int { (g * n + s0) * k * outPlane }
+
     /// Shapes the direct kernel takes: stride 1, one group, at most 4 input channels, kernel width <= 8.
     var allowsDirect: Bool {
         groups == 1 && window.strideH == 1 && window.strideW == 1 && inC <= 4 && window.kernelW <= 8 && !isPointwise
@@ -175,11 +180,9 @@ public func convForward<T: Scalar>(
     }
     let chunk = max(1, min(chunk ?? n, n))
     for g in 0..<s.groups {
-        // Each group's block of `cols` holds the chunks' column matrices one after another.
-        var s0 = 0
-        while s0 < n {
+        for s0 in stride(from: 0, to: n, by: chunk) {
             let cs = min(chunk, n - s0), cols1 = cs * plane
-            let col = cols + g * s.k * n * plane + s.k * s0 * plane
+            let col = cols + s.columnsOffset(group: g, sample: s0, batch: n)
             im2col(col, x + s0 * s.inC * s.inPlane, group: g, n: cs, s)
             T.gemm(transA: false, transB: false, m: cg, n: cols1, k: s.k,
                    alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: col, ldb: cols1,
@@ -194,7 +197,6 @@ public func convForward<T: Scalar>(
                     for i in 0..<plane { dst[i] = src[i] + v }
                 }
             }
-            s0 += cs
         }
     }
 }
@@ -241,8 +243,7 @@ public func convBackward<T: Scalar>(
     }
     let chunk = max(1, min(chunk ?? n, n))
     for g in 0..<s.groups {
-        var s0 = 0
-        while s0 < n {
+        for s0 in stride(from: 0, to: n, by: chunk) {
             let cs = min(chunk, n - s0), cols1 = cs * plane
             // [cs, outC, plane] -> [cg, cs, plane]
             for c in 0..<cg {
@@ -251,7 +252,7 @@ public func convBackward<T: Scalar>(
                     (tmp + c * cols1 + b * plane).update(from: dy + ((s0 + b) * s.outC + oc) * plane, count: plane)
                 }
             }
-            let col = cols + g * s.k * n * plane + s.k * s0 * plane
+            let col = cols + s.columnsOffset(group: g, sample: s0, batch: n)
             T.gemm(transA: false, transB: true, m: cg, n: s.k, k: cols1,
                    alpha: 1, a: tmp, lda: cols1, b: col, ldb: cols1,
                    beta: 1, c: dWeight + g * cg * s.k, ldc: s.k)
@@ -261,7 +262,6 @@ public func convBackward<T: Scalar>(
                        beta: 0, c: dcol, ldc: cols1)
                 col2im(dx + s0 * s.inC * s.inPlane, dcol, group: g, n: cs, s)
             }
-            s0 += cs
         }
     }
 }

@@ -26,7 +26,8 @@ func powMinusBeta<T: Scalar>(_ s: T, _ beta: T, threeQuarters: Bool) -> T {
     return T.pow(s, -beta)
 }
 
-/// Forward over n samples (Float: the C kernel, vector square roots). of C x plane. Keeps `scale` (same shape as x) for backward.
+/// Forward over n samples of C x plane (Float: the C kernel, with vector square roots). Keeps `scale`
+/// (same shape as x) for backward.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func lrnForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, scale: UnsafeMutablePointer<T>, _ x: UnsafePointer<T>,

@@ -21,8 +21,10 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
         super.init(node: node, capacity: capacity)
         let perGroup = g.isPointwise ? 0 : g.k * capacity * g.outPlane
         cols = own(allocateZeroed(T.self, count: perGroup * g.groups))
-        tmp = own(allocateZeroed(T.self, count: g.isPointwise ? 0 : g.outGroup * capacity * g.outPlane))
-        dcol = own(allocateZeroed(T.self, count: perGroup))
+        // GEMM scratch for one chunk (a smaller batch never has larger chunks).
+        let chunk = g.isPointwise ? 0 : g.chunkSamples(batch: capacity)
+        tmp = own(allocateZeroed(T.self, count: g.outGroup * chunk * g.outPlane))
+        dcol = own(allocateZeroed(T.self, count: g.k * chunk * g.outPlane))
         if T.self == Float.self && g.allowsDirect {
             padded = own(allocateZeroed(Float.self, count: tandem_direct_padded_count(capacity, g.c)))
             sums = own(allocateZeroed(Float.self, count: tandem_direct_grad_scratch(g.outC, g.c)))
