@@ -400,6 +400,156 @@ void tandem_direct_conv_weight_grad_f32(float *restrict dw, float *restrict db, 
         }
 }
 
+// MARK: direct convolution, output channels in vectors
+
+// For layers whose weight matrix is small next to their column matrix (LeNet-5's conv2: 16 x 150
+// weights, each input value copied 25 times by im2col): stride 1, one group, any padding below the
+// kernel size. Eight output channels per vector and a tile of output positions in registers; each
+// window tap is broadcast from the zero-padded input, [inC, inH + 2 pH, inW + 2 pW] per sample. The
+// weights come transposed, wt[K][OCp] with OCp = outC rounded up to 8 (zeros past outC).
+
+long tandem_cv_channels(long outC) { return (outC + 7) / 8 * 8; }
+static inline long round12(long v) { return (v + 11) / 12 * 12; }
+static inline long cv_hp(TandemConvShape s) { return s.inH + 2 * s.pH; }
+static inline long cv_wp(TandemConvShape s) { return s.inW + 2 * s.pW; }
+long tandem_cv_padded_count(long n, TandemConvShape s) { return n * s.inC * cv_hp(s) * cv_wp(s); }
+long tandem_cv_grad_scratch(long outC, TandemConvShape s) {
+    return (s.outH * s.outW + round12(s.inC * s.kH * s.kW)) * tandem_cv_channels(outC);
+}
+
+void tandem_cv_weights_f32(float *restrict wt, const float *restrict w, long outC, long K) {
+    const long OCp = tandem_cv_channels(outC);
+    for (long k = 0; k < K; k++)
+        for (long oc = 0; oc < OCp; oc++) wt[k * OCp + oc] = oc < outC ? w[oc * K + k] : 0;
+}
+
+// off[k]: tap k = (c, ki, kj) in the padded input, zero from K to round12(K); pos[p]: the window corner of
+// output position p = (oh, ow), then the last one repeated 12 times (tiles past the end read it).
+static void cv_tables(int32_t *off, int32_t *pos, TandemConvShape s) {
+    const long Hp = cv_hp(s), Wp = cv_wp(s), K = s.inC * s.kH * s.kW, P = s.outH * s.outW;
+    for (long c = 0; c < s.inC; c++)
+        for (long ki = 0; ki < s.kH; ki++)
+            for (long kj = 0; kj < s.kW; kj++) off[(c * s.kH + ki) * s.kW + kj] = (int32_t)((c * Hp + ki) * Wp + kj);
+    for (long k = K; k < round12(K); k++) off[k] = 0;
+    for (long p = 0; p < P; p++) pos[p] = (int32_t)(p / s.outW * Wp + p % s.outW);
+    for (long p = P; p < P + 12; p++) pos[p] = pos[P - 1];
+}
+
+// V vectors of output channels (8 V from cb) x NP output positions (from p0; `count` of them stored).
+#define CV_FORWARD_TILE(V, NP) \
+static inline __attribute__((always_inline)) void cv_forward_##V##_##NP(float *y, const float *xb, const float *wt, const float *bias, const int32_t *off, \
+                                         const int32_t *pos, long p0, long count, long K, long OCp, long cb, long outC, long plane) { \
+    f8 acc[NP][V]; \
+    const float *xj[NP]; \
+    for (int j = 0; j < (NP); j++) xj[j] = xb + pos[p0 + j]; \
+    for (int v = 0; v < (V); v++) { const f8 b_ = load_f8(bias + cb + 8 * v); for (int j = 0; j < (NP); j++) acc[j][v] = b_; } \
+    for (long k = 0; k < K; k++) { \
+        const float *wk = wt + k * OCp + cb; \
+        const long o = off[k]; \
+        f8 w_[V]; \
+        for (int v = 0; v < (V); v++) w_[v] = load_f8(wk + 8 * v); \
+        for (int j = 0; j < (NP); j++) { \
+            const f8 x_ = (f8)(xj[j][o]); \
+            for (int v = 0; v < (V); v++) acc[j][v] += w_[v] * x_; \
+        } \
+    } \
+    float out[NP][8 * (V)]; \
+    __builtin_memcpy(out, acc, sizeof out); \
+    for (long l = 0; l < 8 * (V) && cb + l < outC; l++) { \
+        float *dst = y + (cb + l) * plane + p0; \
+        for (long j = 0; j < count; j++) dst[j] = out[j][l]; \
+    } \
+}
+CV_FORWARD_TILE(2, 6)
+CV_FORWARD_TILE(1, 7)
+
+TANDEM_CLONES
+void tandem_cv_forward_f32(float *restrict y, float *restrict xp, const float *restrict x, const float *restrict wt,
+                           const float *restrict bias, long n, long outC, TandemConvShape s) {
+    const long Hp = cv_hp(s), Wp = cv_wp(s), padded = s.inC * Hp * Wp, inPlane = s.inH * s.inW;
+    const long K = s.inC * s.kH * s.kW, OCp = tandem_cv_channels(outC), P = s.outH * s.outW;
+    int32_t off[round12(K)], pos[P + 12];
+    cv_tables(off, pos, s);
+    float b[OCp];
+    for (long oc = 0; oc < OCp; oc++) b[oc] = bias && oc < outC ? bias[oc] : 0;
+    for (long i = 0; i < n; i++) {
+        float *xb = xp + i * padded;
+        __builtin_memset(xb, 0, sizeof(float) * padded);
+        for (long c = 0; c < s.inC; c++)
+            for (long ih = 0; ih < s.inH; ih++)
+                __builtin_memcpy(xb + (c * Hp + ih + s.pH) * Wp + s.pW, x + (i * s.inC + c) * inPlane + ih * s.inW, sizeof(float) * s.inW);
+        float *yb = y + i * outC * P;
+        for (long cb = 0; cb < OCp;) {
+            if (OCp - cb >= 16) {
+                for (long p0 = 0; p0 < P; p0 += 6) cv_forward_2_6(yb, xb, wt, b, off, pos, p0, lmin(6, P - p0), K, OCp, cb, outC, P);
+                cb += 16;
+            } else {
+                for (long p0 = 0; p0 < P; p0 += 7) cv_forward_1_7(yb, xb, wt, b, off, pos, p0, lmin(7, P - p0), K, OCp, cb, outC, P);
+                cb += 8;
+            }
+        }
+    }
+}
+
+// The weight-gradient sums of taps k0..<k0+NT for output channels cb..<cb + 8 V over one sample:
+// acc[k][oc] += sum over positions p of dyT[p][oc] * xb[pos[p] + off[k]].
+#define CV_GRAD_TILE(V, NT) \
+static inline __attribute__((always_inline)) void cv_grad_##V##_##NT(float *acc, const float *xb, const float *dyT, const int32_t *off, const int32_t *pos, \
+                                      long P, long k0, long OCp, long cb) { \
+    f8 a[NT][V]; \
+    long o[NT]; \
+    for (int t = 0; t < (NT); t++) { \
+        o[t] = off[k0 + t]; \
+        for (int v = 0; v < (V); v++) a[t][v] = load_f8(acc + (k0 + t) * OCp + cb + 8 * v); \
+    } \
+    for (long p = 0; p < P; p++) { \
+        const float *xq = xb + pos[p]; \
+        f8 d[V]; \
+        for (int v = 0; v < (V); v++) d[v] = load_f8(dyT + p * OCp + cb + 8 * v); \
+        for (int t = 0; t < (NT); t++) { \
+            const f8 x_ = (f8)(xq[o[t]]); \
+            for (int v = 0; v < (V); v++) a[t][v] += d[v] * x_; \
+        } \
+    } \
+    for (int t = 0; t < (NT); t++) \
+        for (int v = 0; v < (V); v++) __builtin_memcpy(acc + (k0 + t) * OCp + cb + 8 * v, &a[t][v], sizeof(f8)); \
+}
+CV_GRAD_TILE(2, 6)
+CV_GRAD_TILE(1, 12)
+
+TANDEM_CLONES
+void tandem_cv_weight_grad_f32(float *restrict dw, float *restrict db, float *restrict scratch, const float *restrict dy,
+                               const float *restrict xp, long n, long outC, TandemConvShape s) {
+    const long padded = s.inC * cv_hp(s) * cv_wp(s), K = s.inC * s.kH * s.kW, Kp = round12(K);
+    const long OCp = tandem_cv_channels(outC), P = s.outH * s.outW;
+    int32_t off[Kp], pos[P + 12];
+    cv_tables(off, pos, s);
+    float *dyT = scratch, *acc = scratch + P * OCp;
+    for (long i = 0; i < (P + Kp) * OCp; i++) scratch[i] = 0;
+    double bsum[OCp];
+    for (long oc = 0; oc < OCp; oc++) bsum[oc] = 0;
+    for (long i = 0; i < n; i++) {
+        const float *xb = xp + i * padded, *dyb = dy + i * outC * P;
+        for (long oc = 0; oc < outC; oc++) {
+            for (long p = 0; p < P; p++) dyT[p * OCp + oc] = dyb[oc * P + p];
+            bsum[oc] += (double)plane_sum(dyb + oc * P, P);
+        }
+        for (long cb = 0; cb < OCp;) {
+            if (OCp - cb >= 16) {
+                for (long k0 = 0; k0 < K; k0 += 6) cv_grad_2_6(acc, xb, dyT, off, pos, P, k0, OCp, cb);
+                cb += 16;
+            } else {
+                for (long k0 = 0; k0 < K; k0 += 12) cv_grad_1_12(acc, xb, dyT, off, pos, P, k0, OCp, cb);
+                cb += 8;
+            }
+        }
+    }
+    for (long oc = 0; oc < outC; oc++) {
+        for (long k = 0; k < K; k++) dw[oc * K + k] += acc[k * OCp + oc];
+        if (db) db[oc] += (float)bsum[oc];
+    }
+}
+
 // MARK: batch normalisation
 
 // Sum of p[0..<m] and of p[i] * q[i] (q may be null), and of (p[i] - mean)^2, in eight float lanes.

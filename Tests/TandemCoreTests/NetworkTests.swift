@@ -435,14 +435,37 @@ private let dagLayers: [LayerSpec] = [
         #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
     }
 
-    /// First layers that take the direct convolution: every remainder of output channels after
-    /// blocks of eight, kernel widths 3, 5 (specialised) and 7 (generic), padding, bias or none, 1-3 channels.
-    @Test(arguments: [(1, 6, 5, 2, true), (3, 11, 3, 1, false), (2, 16, 7, 3, true), (1, 3, 5, 0, true), (4, 13, 3, 0, true)])
+    /// First layers with fewer than 8 output channels take the direct convolution (more take the
+    /// channel-vectorised one, below): output channels 1 to 7, kernel widths 3, 5 (specialised) and 7
+    /// (generic), padding, bias or none, 1-4 channels.
+    @Test(arguments: [(1, 6, 5, 2, true), (3, 7, 3, 1, false), (2, 5, 7, 3, true), (1, 3, 5, 0, true), (4, 1, 3, 0, true)])
     func directFirstConvolutionMatchesTheDoubleStep(channels: Int, outChannels: Int, kernel: Int, pad: Int, bias: Bool) throws {
         let input = Shape(channels, 12, 19)
         let layers = [conv("c", outChannels, k: kernel, p: pad, bias: bias), layer("r", .relu),
                       layer("f", .flatten), layer("fc", .linear(outFeatures: 10, bias: true))]
         let graph = try Graph(input: input, layers: layers)
+        let f = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
+        let d = try trainOnce(Double.self, input: input, layers, batch: 3, parts: 1)
+        let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)
+        #expect(g.error <= 1e-4, "gradient of \(g.tensor) differs by \(g.error)")
+        #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
+    }
+
+    /// The channel-vectorised direct convolution (at least 8 output channels, small weight matrix), as
+    /// a first layer and behind a 1x1 convolution (so that its input gradient is needed): channel
+    /// blocks of 16 and a last block of 8, output positions and window taps that leave tiles partly
+    /// filled, padding up to kernel - 1, bias or none. 11 x 17 inputs.
+    @Test(arguments: [(1, 64, 5, 2, true, true), (6, 16, 5, 0, true, false), (3, 8, 3, 1, false, false),
+                      (5, 24, 3, 2, true, false), (2, 40, 5, 4, false, true)])
+    func channelDirectConvolutionMatchesTheDoubleStep(channels: Int, outChannels: Int, kernel: Int, pad: Int, bias: Bool, first: Bool) throws {
+        let input = Shape(channels, 11, 17)
+        let tested = conv("c", outChannels, k: kernel, p: pad, bias: bias)
+        let layers = (first ? [] : [conv("pre", channels, k: 1, bias: false)])
+            + [tested, layer("r", .relu), layer("f", .flatten), layer("fc", .linear(outFeatures: 10, bias: true))]
+        let graph = try Graph(input: input, layers: layers)
+        let geometry = ConvGeometry(input: input, outChannels: outChannels,
+                                    window: Window(kernelH: kernel, kernelW: kernel, padH: pad, padW: pad), groups: 1)
+        #expect(geometry.allowsChannelDirect)
         let f = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
         let d = try trainOnce(Double.self, input: input, layers, batch: 3, parts: 1)
         let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)

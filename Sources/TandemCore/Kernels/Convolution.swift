@@ -52,6 +52,14 @@ public struct ConvGeometry: Sendable {
     var allowsDirect: Bool {
         groups == 1 && window.strideH == 1 && window.strideW == 1 && inC <= 4 && window.kernelW <= 8 && !isPointwise
     }
+    /// Shapes the channel-vectorised direct kernels take (`tandem_cv_*`): stride 1, one group, padding
+    /// below the kernel size, at least 8 output channels, and a weight matrix of at most 4,096 values,
+    /// where im2col's copies cost more than a GEMM saves (LeNet-5's conv2: 16 x 150; the small
+    /// AlexNet's conv1: 64 x 25); planes of at most 4,096 positions.
+    var allowsChannelDirect: Bool {
+        groups == 1 && window.strideH == 1 && window.strideW == 1 && !isPointwise && outC >= 8 && outC * k <= 4096
+            && window.padH < window.kernelH && window.padW < window.kernelW && inPlane <= 4096 && outPlane <= 4096
+    }
     public var isPointwise: Bool {
         window.kernelH == 1 && window.kernelW == 1 && window.strideH == 1 && window.strideW == 1 && window.padH == 0 && window.padW == 0
     }
@@ -203,13 +211,14 @@ public func convForward<T: Scalar>(
 
 /// Convolution backward over n samples: adds into dWeight and dBias, writes dx (if non-nil).
 /// - Parameters:
+///   - dWeight: nil for the input gradient alone (`cols` is then not read).
 ///   - tmp: outGroup x chunk*Ho*Wo scratch; dcol: K x chunk*Ho*Wo scratch; chunk as in forward.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func convBackward<T: Scalar>(
-    _ dx: UnsafeMutablePointer<T>?, dWeight: UnsafeMutablePointer<T>, dBias: UnsafeMutablePointer<T>?,
+    _ dx: UnsafeMutablePointer<T>?, dWeight: UnsafeMutablePointer<T>?, dBias: UnsafeMutablePointer<T>?,
     tmp: UnsafeMutablePointer<T>, dcol: UnsafeMutablePointer<T>,
-    _ dy: UnsafePointer<T>, x: UnsafePointer<T>, cols: UnsafePointer<T>, weight: UnsafePointer<T>, n: Int, _ s: ConvGeometry, chunk: Int? = nil
+    _ dy: UnsafePointer<T>, x: UnsafePointer<T>, cols: UnsafePointer<T>?, weight: UnsafePointer<T>, n: Int, _ s: ConvGeometry, chunk: Int? = nil
 ) {
     let plane = s.outPlane
     let cg = s.outGroup
@@ -229,9 +238,11 @@ public func convBackward<T: Scalar>(
                 let dyg = dy + (b * s.outC + g * cg) * plane
                 let xg = x + (b * s.inC + g * s.inGroup) * plane
                 // dW[cg, Cg] += dy[cg, plane] x x[Cg, plane]^T
-                T.gemm(transA: false, transB: true, m: cg, n: s.inGroup, k: plane,
-                       alpha: 1, a: dyg, lda: plane, b: xg, ldb: plane,
-                       beta: 1, c: dWeight + g * cg * s.inGroup, ldc: s.inGroup)
+                if let dWeight {
+                    T.gemm(transA: false, transB: true, m: cg, n: s.inGroup, k: plane,
+                           alpha: 1, a: dyg, lda: plane, b: xg, ldb: plane,
+                           beta: 1, c: dWeight + g * cg * s.inGroup, ldc: s.inGroup)
+                }
                 if let dx {
                     T.gemm(transA: true, transB: false, m: s.inGroup, n: plane, k: cg,
                            alpha: 1, a: weight + g * cg * s.inGroup, lda: s.inGroup, b: dyg, ldb: plane,
@@ -252,10 +263,11 @@ public func convBackward<T: Scalar>(
                     (tmp + c * cols1 + b * plane).update(from: dy + ((s0 + b) * s.outC + oc) * plane, count: plane)
                 }
             }
-            let col = cols + s.columnsOffset(group: g, sample: s0, batch: n)
-            T.gemm(transA: false, transB: true, m: cg, n: s.k, k: cols1,
-                   alpha: 1, a: tmp, lda: cols1, b: col, ldb: cols1,
-                   beta: 1, c: dWeight + g * cg * s.k, ldc: s.k)
+            if let dWeight, let cols {
+                T.gemm(transA: false, transB: true, m: cg, n: s.k, k: cols1,
+                       alpha: 1, a: tmp, lda: cols1, b: cols + s.columnsOffset(group: g, sample: s0, batch: n), ldb: cols1,
+                       beta: 1, c: dWeight + g * cg * s.k, ldc: s.k)
+            }
             if let dx {
                 T.gemm(transA: true, transB: false, m: s.k, n: cols1, k: cg,
                        alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: tmp, ldb: cols1,
