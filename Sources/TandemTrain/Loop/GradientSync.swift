@@ -119,6 +119,8 @@ private final class SyncWorker: @unchecked Sendable {
     let buckets: [Range<Int>]
     private let releasedSignal = DispatchSemaphore(value: 0)
     private let doneSignal = DispatchSemaphore(value: 0)
+    /// Per bucket, the nap between polls while backward runs (see `nap(bytes:)`).
+    private let naps: [UInt32]
     private let exited = DispatchSemaphore(value: 0)
     /// Per bucket, this step's start and end times (read by the training thread after `waitForAll`).
     let started: UnsafeMutablePointer<Double>
@@ -139,6 +141,7 @@ private final class SyncWorker: @unchecked Sendable {
         started = .allocate(capacity: buckets.count)
         ended = .allocate(capacity: buckets.count)
         requests = Array(repeating: nil, count: buckets.count)
+        naps = buckets.map { UInt32(Self.nap(bytes: $0.count * MemoryLayout<Float>.stride)) }
         let thread = Thread { [self] in
             run()
             exited.signal()
@@ -180,13 +183,17 @@ private final class SyncWorker: @unchecked Sendable {
         let request = try comm.startAllreduceSum(base + b.lowerBound, count: b.count, reusing: requests[i])
         requests[i] = request
         while try !request.test() {
-            if trainingWaits.load(ordering: .acquiring) { sched_yield() } else { usleep(Self.napMicroseconds) }
+            if trainingWaits.load(ordering: .acquiring) { sched_yield() } else { usleep(naps[i]) }
         }
     }
 
-    /// Between polls while backward runs; with the kernel's default timer slack a nap lasts 50-80 us
-    /// (a 1 us slack, polling more often, was slower: 26,852-29,732 img/s against 29,154-29,863).
-    static let napMicroseconds: UInt32 = 20
+    /// The nap between polls of a bucket of `bytes` while backward runs: about the time the
+    /// allreduce of that many bytes takes on shared memory (4 KB per microsecond), 20 us to 2 ms. Each
+    /// poll costs the rank's core a context switch: with 20 us naps for every bucket the small
+    /// AlexNet's 8 MB fc6 bucket was polled thousands of times per step (-np 2, batch 128: 467-560
+    /// img/s, waits 3-21 ms) against 533-562 img/s and waits of 0.1-3 ms with naps sized to the
+    /// bucket. With the kernel's default timer slack a 20 us nap lasts 50-80 us.
+    static func nap(bytes: Int) -> Int { min(2000, max(20, bytes / 4096)) }
 
     private func run() {
         guard let comm else { return }
