@@ -84,6 +84,8 @@ public final class WorkerPool: @unchecked Sendable {
 public protocol StatisticsReducer: AnyObject {
     /// Replaces `values` by their elementwise sum over all parts; every part calls it in the same order.
     func sum(_ values: UnsafeMutablePointer<Double>, count: Int, part: Int)
+    /// Whether a sum adds anything (other parts or ranks), or leaves one part's values as they are.
+    var combines: Bool { get }
 }
 
 /// Sums across the parts of one process in a fixed order (part 0, 1, ...), so the result is the
@@ -103,6 +105,8 @@ public final class PartReducer: StatisticsReducer, @unchecked Sendable {
         slots = allocateZeroed(Double.self, count: (parts + 1) * capacity)
     }
     deinit { slots.deallocate() }
+
+    public var combines: Bool { parts > 1 || crossRank != nil }
 
     public func sum(_ values: UnsafeMutablePointer<Double>, count: Int, part: Int) {
         precondition(count <= capacity, "statistics vector larger than the reducer's capacity")

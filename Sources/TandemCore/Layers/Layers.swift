@@ -226,18 +226,32 @@ final class BatchNormLayer<T: Scalar>: Layer<T> {
             batchNormApply(y0(c), xhat: nil, x0(c), mean: mean, invStd: invStd, gamma: gamma, beta: beta, n: c.count, channels: ch, plane: plane)
             return
         }
-        // Mean: local sums and the local count, summed over every part sharing the statistics.
+        // This part's sums S, and its squared deviations around its own mean (a second local pass,
+        // stabler than summing x^2 in Float), moved to a shift a: Q = deviations + count * (local
+        // mean - a)^2. One sum over every part (and rank, with sync_bn) of [S, Q, count] gives the
+        // mean S / M and the variance Q / M - (mean - a)^2 (Chan et al.'s parallel variance): the
+        // parts meet once per forward instead of twice. The shift is the running mean, the same on
+        // every part and rank and near the batch mean once training runs, so that little cancels;
+        // a part alone shifts by its own mean, which makes the variance its exact two-pass value.
         channelSums(sums, x0(c), n: c.count, channels: ch, plane: plane)
-        sums[ch] = Double(c.count * plane)
-        reducer?.sum(sums, count: ch + 1, part: c.part)
-        let m = sums[ch]
-        statisticsCount = Int(m)
-        for k in 0..<ch { mean[k] = m > 0 ? sums[k] / m : 0 }
-        // Variance as a second pass around the mean (stabler than E[x^2] - E[x]^2 in Float).
-        channelSquaredDeviations(sums, x0(c), mean: mean, n: c.count, channels: ch, plane: plane)
-        reducer?.sum(sums, count: ch, part: c.part)
+        let local = Double(c.count * plane)
+        for k in 0..<ch { mean[k] = local > 0 ? sums[k] / local : 0 }
+        channelSquaredDeviations(sums + ch, x0(c), mean: mean, n: c.count, channels: ch, plane: plane)
+        let combines = reducer?.combines ?? false
+        let shift = invStd!   // free until the variance is known
         for k in 0..<ch {
-            let variance = m > 0 ? sums[k] / m : 0
+            shift[k] = combines ? Double(stats[k]) : mean[k]
+            let d = mean[k] - shift[k]
+            sums[ch + k] += local * d * d
+        }
+        sums[2 * ch] = local
+        if combines { reducer!.sum(sums, count: 2 * ch + 1, part: c.part) }
+        let m = sums[2 * ch]
+        statisticsCount = Int(m)
+        for k in 0..<ch {
+            mean[k] = m > 0 ? sums[k] / m : 0
+            let d = mean[k] - shift[k]
+            let variance = m > 0 ? max(0, sums[ch + k] / m - d * d) : 0
             invStd[k] = 1 / (variance + eps).squareRoot()
             if c.updateStatistics && c.part == 0 {
                 // Running averages (PyTorch's momentum convention), variance unbiased: var * M/(M-1).
