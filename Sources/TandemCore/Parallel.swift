@@ -90,11 +90,20 @@ public protocol StatisticsReducer: AnyObject {
 
 /// Sums across the parts of one process in a fixed order (part 0, 1, ...), so the result is the
 /// same on every part and in every run; then, if set, across ranks through `crossRank`.
+///
+/// Within a process the parts meet once per sum: each writes its vector into one of two slot sets
+/// (alternating from sum to sum), waits at the barrier, and adds up every part's slot itself. A
+/// part may then run ahead into the next sum, which writes the other set; it cannot reach a third
+/// before every part has passed the second barrier, so nobody overwrites a set still being read.
+/// With `crossRank`, part 0 sums across ranks in between and the parts meet a second time.
 public final class PartReducer: StatisticsReducer, @unchecked Sendable {
     public let parts: Int
     public let capacity: Int
     private let barrier: SpinBarrier
+    /// Two sets of one slot per part, then the cross-rank result.
     private let slots: UnsafeMutablePointer<Double>
+    /// Per part, how many sums it has entered (each part touches only its own).
+    private let calls: UnsafeMutablePointer<Int>
     /// Sums a vector across ranks in place (sync_bn); called by part 0 only.
     public var crossRank: ((UnsafeMutablePointer<Double>, Int) -> Void)?
 
@@ -102,25 +111,36 @@ public final class PartReducer: StatisticsReducer, @unchecked Sendable {
         self.parts = parts
         self.capacity = capacity
         barrier = SpinBarrier(parties: parts)
-        slots = allocateZeroed(Double.self, count: (parts + 1) * capacity)
+        slots = allocateZeroed(Double.self, count: (2 * parts + 1) * capacity)
+        calls = allocateZeroed(Int.self, count: parts)
     }
-    deinit { slots.deallocate() }
+    deinit { slots.deallocate(); calls.deallocate() }
 
     public var combines: Bool { parts > 1 || crossRank != nil }
 
     public func sum(_ values: UnsafeMutablePointer<Double>, count: Int, part: Int) {
         precondition(count <= capacity, "statistics vector larger than the reducer's capacity")
         if parts == 1 { crossRank?(values, count); return }
-        (slots + part * capacity).update(from: values, count: count)
+        let set = slots + (calls[part] & 1) * parts * capacity
+        calls[part] += 1
+        (set + part * capacity).update(from: values, count: count)
         barrier.wait()
-        let result = slots + parts * capacity
-        if part == 0 {
-            result.update(from: slots, count: count)
+        guard let crossRank else {
+            values.update(from: set, count: count)
             for k in 1..<parts {
-                let s = slots + k * capacity
+                let s = set + k * capacity
+                for i in 0..<count { values[i] += s[i] }
+            }
+            return
+        }
+        let result = slots + 2 * parts * capacity
+        if part == 0 {
+            result.update(from: set, count: count)
+            for k in 1..<parts {
+                let s = set + k * capacity
                 for i in 0..<count { result[i] += s[i] }
             }
-            crossRank?(result, count)
+            crossRank(result, count)
         }
         barrier.wait()
         values.update(from: result, count: count)
