@@ -274,7 +274,7 @@ long tandem_direct_padded_count(long n, TandemConvShape s) {
 // OB output channels of one output row chunk (8 columns) at a time, the accumulators in registers.
 #define DIRECT_BLOCK(OB) \
 static inline void direct_block_##OB(float *y, const float *xp, const float *w, const float *bias, long oc, \
-                                     long oh, long chunk, TandemConvShape s, long Hp, long Wp) { \
+                                     long oh, long chunk, TandemConvShape s, long Hp, long Wp, int relu) { \
     const long K = s.inC * s.kH * s.kW, plane = s.outH * s.outW; \
     f8 acc[OB]; \
     for (int o = 0; o < (OB); o++) acc[o] = (f8)(bias ? bias[oc + o] : 0.0f); \
@@ -288,6 +288,7 @@ static inline void direct_block_##OB(float *y, const float *xp, const float *w, 
             } \
         } \
     for (int o = 0; o < (OB); o++) { \
+        if (relu) acc[o] = __builtin_elementwise_max(acc[o], (f8)0.0f); \
         float *dst = y + (oc + o) * plane + oh * s.outW + chunk; \
         if (chunk + 8 <= s.outW) __builtin_memcpy(dst, &acc[o], sizeof(f8)); \
         else for (long l = 0; l < s.outW - chunk; l++) dst[l] = acc[o][l]; \
@@ -304,7 +305,7 @@ DIRECT_BLOCK(1)
 
 TANDEM_CLONES
 void tandem_direct_conv_forward_f32(float *restrict y, float *restrict xp, const float *restrict x, const float *restrict w,
-                                    const float *restrict bias, long n, long outC, TandemConvShape s) {
+                                    const float *restrict bias, long n, long outC, TandemConvShape s, int relu) {
     const long Hp = s.outH + s.kH - 1, Wp = tandem_direct_row(s.outW) + s.kW - 1, inPlane = s.inH * s.inW;
     const long outPlane = s.outH * s.outW;
     for (long b = 0; b < n; b++) {
@@ -322,15 +323,15 @@ void tandem_direct_conv_forward_f32(float *restrict y, float *restrict xp, const
             for (long chunk = 0; chunk < s.outW; chunk += 8) {
                 // Eight output channels at a time, then the rest in one block (LeNet-5's 6 in one).
                 long oc = 0;
-                for (; oc + 8 <= outC; oc += 8) direct_block_8(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp);
+                for (; oc + 8 <= outC; oc += 8) direct_block_8(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu);
                 switch (outC - oc) {
-                case 7: direct_block_7(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
-                case 6: direct_block_6(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
-                case 5: direct_block_5(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
-                case 4: direct_block_4(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
-                case 3: direct_block_3(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
-                case 2: direct_block_2(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
-                case 1: direct_block_1(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp); break;
+                case 7: direct_block_7(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+                case 6: direct_block_6(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+                case 5: direct_block_5(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+                case 4: direct_block_4(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+                case 3: direct_block_3(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+                case 2: direct_block_2(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+                case 1: direct_block_1(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
                 default: break;
                 }
             }
@@ -438,7 +439,8 @@ static void cv_tables(int32_t *off, int32_t *pos, TandemConvShape s) {
 // V vectors of output channels (8 V from cb) x NP output positions (from p0; `count` of them stored).
 #define CV_FORWARD_TILE(V, NP) \
 static inline __attribute__((always_inline)) void cv_forward_##V##_##NP(float *y, const float *xb, const float *wt, const float *bias, const int32_t *off, \
-                                         const int32_t *pos, long p0, long count, long K, long OCp, long cb, long outC, long plane) { \
+                                         const int32_t *pos, long p0, long count, long K, long OCp, long cb, long outC, long plane, \
+                                         int relu) { \
     f8 acc[NP][V]; \
     const float *xj[NP]; \
     for (int j = 0; j < (NP); j++) xj[j] = xb + pos[p0 + j]; \
@@ -453,6 +455,9 @@ static inline __attribute__((always_inline)) void cv_forward_##V##_##NP(float *y
             for (int v = 0; v < (V); v++) acc[j][v] += w_[v] * x_; \
         } \
     } \
+    if (relu) \
+        for (int j = 0; j < (NP); j++) \
+            for (int v = 0; v < (V); v++) acc[j][v] = __builtin_elementwise_max(acc[j][v], (f8)0.0f); \
     float out[NP][8 * (V)]; \
     __builtin_memcpy(out, acc, sizeof out); \
     for (long l = 0; l < 8 * (V) && cb + l < outC; l++) { \
@@ -465,7 +470,7 @@ CV_FORWARD_TILE(1, 7)
 
 TANDEM_CLONES
 void tandem_cv_forward_f32(float *restrict y, float *restrict xp, const float *restrict x, const float *restrict wt,
-                           const float *restrict bias, long n, long outC, TandemConvShape s) {
+                           const float *restrict bias, long n, long outC, TandemConvShape s, int relu) {
     const long Hp = cv_hp(s), Wp = cv_wp(s), padded = s.inC * Hp * Wp, inPlane = s.inH * s.inW;
     const long K = s.inC * s.kH * s.kW, OCp = tandem_cv_channels(outC), P = s.outH * s.outW;
     int32_t off[round12(K)], pos[P + 12];
@@ -481,10 +486,10 @@ void tandem_cv_forward_f32(float *restrict y, float *restrict xp, const float *r
         float *yb = y + i * outC * P;
         for (long cb = 0; cb < OCp;) {
             if (OCp - cb >= 16) {
-                for (long p0 = 0; p0 < P; p0 += 6) cv_forward_2_6(yb, xb, wt, b, off, pos, p0, lmin(6, P - p0), K, OCp, cb, outC, P);
+                for (long p0 = 0; p0 < P; p0 += 6) cv_forward_2_6(yb, xb, wt, b, off, pos, p0, lmin(6, P - p0), K, OCp, cb, outC, P, relu);
                 cb += 16;
             } else {
-                for (long p0 = 0; p0 < P; p0 += 7) cv_forward_1_7(yb, xb, wt, b, off, pos, p0, lmin(7, P - p0), K, OCp, cb, outC, P);
+                for (long p0 = 0; p0 < P; p0 += 7) cv_forward_1_7(yb, xb, wt, b, off, pos, p0, lmin(7, P - p0), K, OCp, cb, outC, P, relu);
                 cb += 8;
             }
         }

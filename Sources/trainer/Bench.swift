@@ -93,8 +93,11 @@ struct Bench: ParsableCommand {
                     // Backward of conv and linear is two products of the forward's size (weights and input).
                     let bflops: Double
                     switch node.kind! { case .convolution, .linear: bflops = 2 * flops; default: bflops = flops }
-                    print(pad(node.name, 10) + " " + pad(node.kind!.typeName, 14) + String(format: " %10.3f %9.2f %10.3f %9.2f", 1000 * f, flops / max(f, 1e-12) / 1e9,
-                                 1000 * b, bflops / max(b, 1e-12) / 1e9))
+                    let forward = trainer.net.fusedReLUs.contains(node.index)
+                        ? padLeft("in " + graph.nodes[node.inputs[0]].name, 20)
+                        : String(format: "%10.3f %9.2f", 1000 * f, flops / max(f, 1e-12) / 1e9)
+                    print(pad(node.name, 10) + " " + pad(node.kind!.typeName, 14) + " " + forward
+                          + String(format: " %10.3f %9.2f", 1000 * b, bflops / max(b, 1e-12) / 1e9))
                 }
             }
             if let json {

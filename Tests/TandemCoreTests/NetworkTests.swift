@@ -414,6 +414,33 @@ private let dagLayers: [LayerSpec] = [
     }
 }
 
+// MARK: - ReLU fused into the convolution
+
+/// A ReLU is fused only into a convolution that nothing else reads; the fused network computes the
+/// step it would compute unfused (checked against the same graph with a leaky ReLU of slope 0, which
+/// is never fused), in Double and in Float, with two parts.
+@Test func reluIsFusedOnlyIntoAConvolutionNothingElseReads() throws {
+    let input = Shape(2, 9, 8)
+    func layers(_ activation: LayerKind) -> [LayerSpec] {
+        [conv("c1", 4, k: 3, p: 1), layer("r1", activation),
+         conv("c2", 4, k: 3, p: 1), layer("r2", activation), layer("sum", .add, inputs: ["c2", "r2"]),
+         layer("f", .flatten), layer("fc", .linear(outFeatures: 3, bias: true))]
+    }
+    let graph = try Graph(input: input, layers: layers(.relu))
+    let net = Network<Double>(graph: graph, capacity: 4)
+    let names = Set(net.fusedReLUs.map { graph.nodes[$0].name })
+    #expect(names == ["r1"], "c2 is also read by the add, so r2 stays a layer of its own")
+    #expect(Network<Double>(graph: try Graph(input: input, layers: layers(.leakyRelu(alpha: 0))), capacity: 4).fusedReLUs.isEmpty)
+    for parts in [1, 2] {
+        let fused = try trainOnce(Double.self, input: input, layers(.relu), batch: 4, parts: parts)
+        let plain = try trainOnce(Double.self, input: input, layers(.leakyRelu(alpha: 0)), batch: 4, parts: parts)
+        #expect(abs(fused.loss - plain.loss) <= 1e-12 * abs(plain.loss))
+        #expect(worstArrayError(plain.gradients, fused.gradients) <= 1e-12)
+        let f = try trainOnce(Float.self, input: input, layers(.relu), batch: 4, parts: parts)
+        #expect(worstArrayError(plain.gradients.map { Float($0) }, f.gradients) <= 1e-4)
+    }
+}
+
 // MARK: - Float kernels in a network
 
 /// The Float step (C kernels: direct first convolution, LRN, pooling, im2col/col2im) against the Double

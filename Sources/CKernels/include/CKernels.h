@@ -39,11 +39,12 @@ void tandem_col2im_f32(float *dx, const float *dcol, long g, long n, TandemConvS
 /// Direct convolution, stride 1, one group, for layers with few input channels whose input needs no
 /// gradient (a network's first layer): no column matrix, eight output columns and up to eight output
 /// channels per step in registers. `xp` receives the zero-padded input, [n, inC, outH + kH - 1,
-/// tandem_direct_row(outW) + kW - 1], kept for the weight gradient.
+/// tandem_direct_row(outW) + kW - 1], kept for the weight gradient. relu != 0: writes max(0, output)
+/// (a ReLU fused into the convolution).
 long tandem_direct_row(long outW);
 long tandem_direct_padded_count(long n, TandemConvShape s);
 void tandem_direct_conv_forward_f32(float *y, float *xp, const float *x, const float *w, const float *bias,
-                                    long n, long outC, TandemConvShape s);
+                                    long n, long outC, TandemConvShape s, int relu);
 
 /// Its weight and bias gradients (added to dw, db; db may be null) from dy and the padded input.
 /// `acc` is a scratch of tandem_direct_grad_scratch(outC, s) floats.
@@ -56,12 +57,12 @@ void tandem_direct_conv_weight_grad_f32(float *dw, float *db, float *acc, const 
 /// below the kernel size. Weights transposed and padded by tandem_cv_weights_f32, wt[K][OCp] with
 /// OCp = tandem_cv_channels(outC). `xp` receives the zero-padded input of every sample,
 /// [n, inC, inH + 2 pH, inW + 2 pW] (tandem_cv_padded_count(n, s) floats), kept for the weight gradient.
-/// bias may be null. Writes y.
+/// bias may be null. Writes y, or max(0, y) when relu != 0.
 long tandem_cv_channels(long outC);
 long tandem_cv_padded_count(long n, TandemConvShape s);
 void tandem_cv_weights_f32(float *wt, const float *w, long outC, long K);
 void tandem_cv_forward_f32(float *y, float *xp, const float *x, const float *wt, const float *bias,
-                           long n, long outC, TandemConvShape s);
+                           long n, long outC, TandemConvShape s, int relu);
 /// Weight and bias gradients (added to dw, db; db may be null) from dy and the kept padded input;
 /// `scratch` holds tandem_cv_grad_scratch(outC, s) floats.
 long tandem_cv_grad_scratch(long outC, TandemConvShape s);

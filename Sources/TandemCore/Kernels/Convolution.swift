@@ -160,11 +160,13 @@ public func col2im<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dcol: UnsafePoint
 ///   - tmp: outGroup x chunk*Ho*Wo scratch (the GEMM result before it is reordered to NCHW).
 ///   - chunk: samples per im2col + GEMM (nil: the whole batch); see `ConvGeometry.chunkSamples`.
 ///   - weight: [outC, inC/G, kh, kw]; bias: [outC] or nil.
+///   - relu: write max(0, output) (a ReLU fused into the convolution).
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func convForward<T: Scalar>(
     _ y: UnsafeMutablePointer<T>, cols: UnsafeMutablePointer<T>, tmp: UnsafeMutablePointer<T>,
-    _ x: UnsafePointer<T>, weight: UnsafePointer<T>, bias: UnsafePointer<T>?, n: Int, _ s: ConvGeometry, chunk: Int? = nil
+    _ x: UnsafePointer<T>, weight: UnsafePointer<T>, bias: UnsafePointer<T>?, n: Int, _ s: ConvGeometry, chunk: Int? = nil,
+    relu: Bool = false
 ) {
     let plane = s.outPlane
     let cg = s.outGroup
@@ -176,11 +178,11 @@ public func convForward<T: Scalar>(
                        b: x + (b * s.inC + g * s.inGroup) * plane, ldb: plane,
                        beta: 0, c: y + (b * s.outC + g * cg) * plane, ldc: plane)
             }
-            if let bias {
+            if bias != nil || relu {
                 for c in 0..<s.outC {
                     let row = y + (b * s.outC + c) * plane
-                    let v = bias[c]
-                    for i in 0..<plane { row[i] += v }
+                    let v = bias?[c] ?? 0
+                    if relu { for i in 0..<plane { let t = row[i] + v; row[i] = t > 0 ? t : 0 } } else { for i in 0..<plane { row[i] += v } }
                 }
             }
         }
@@ -195,14 +197,14 @@ public func convForward<T: Scalar>(
             T.gemm(transA: false, transB: false, m: cg, n: cols1, k: s.k,
                    alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: col, ldb: cols1,
                    beta: 0, c: tmp, ldc: cols1)
-            // [cg, cs, plane] -> [n, outC, plane], adding the bias on the way.
+            // [cg, cs, plane] -> [n, outC, plane], adding the bias (and applying the ReLU) on the way.
             for c in 0..<cg {
                 let oc = g * cg + c
                 let v = bias?[oc] ?? 0
                 for b in 0..<cs {
                     let src = tmp + c * cols1 + b * plane
                     let dst = y + ((s0 + b) * s.outC + oc) * plane
-                    for i in 0..<plane { dst[i] = src[i] + v }
+                    if relu { for i in 0..<plane { let t = src[i] + v; dst[i] = t > 0 ? t : 0 } } else { for i in 0..<plane { dst[i] = src[i] + v } }
                 }
             }
         }

@@ -21,6 +21,8 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
         let padded, weights, sums: UnsafeMutablePointer<Float>
     }
     var channelDirect: ChannelDirect?
+    /// The ReLU that follows this layer is applied here, as the output is written (see Network).
+    var fusesReLU = false
 
     init(node: Node, capacity: Int, geometry: ConvGeometry, bias: Bool) {
         g = geometry
@@ -54,14 +56,17 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
         let bias = hasBias ? w + g.outC * g.k : nil
         if let cd = channelDirect {
             tandem_cv_weights_f32(cd.weights, floats(w), g.outC, g.k)
-            tandem_cv_forward_f32(floats(y0(c)), cd.padded, floats(x0(c)), cd.weights, bias.map(floats), c.count, g.outC, g.c)
+            tandem_cv_forward_f32(floats(y0(c)), cd.padded, floats(x0(c)), cd.weights, bias.map(floats), c.count, g.outC, g.c,
+                                  fusesReLU ? 1 : 0)
             return
         }
         if direct, let padded {
-            tandem_direct_conv_forward_f32(floats(y0(c)), padded, floats(x0(c)), floats(w), bias.map(floats), c.count, g.outC, g.c)
+            tandem_direct_conv_forward_f32(floats(y0(c)), padded, floats(x0(c)), floats(w), bias.map(floats), c.count, g.outC, g.c,
+                                           fusesReLU ? 1 : 0)
             return
         }
-        convForward(y0(c), cols: cols, tmp: tmp, x0(c), weight: w, bias: bias, n: c.count, g, chunk: g.chunkSamples(batch: c.count))
+        convForward(y0(c), cols: cols, tmp: tmp, x0(c), weight: w, bias: bias, n: c.count, g, chunk: g.chunkSamples(batch: c.count),
+                    relu: fusesReLU)
     }
 
     override func backward(_ c: PassContext) {
@@ -131,11 +136,17 @@ final class GlobalAvgPoolLayer<T: Scalar>: Layer<T> {
 
 final class ActivationLayer<T: Scalar>: Layer<T> {
     let function: Activation
+    /// A ReLU fused into the convolution before it: the two share their buffers, the convolution
+    /// applied it, and backward masks the gradient in place (x > 0 exactly where ReLU(x) > 0).
+    var fused = false
     init(node: Node, capacity: Int, function: Activation) {
         self.function = function
         super.init(node: node, capacity: capacity)
     }
-    override func forward(_ c: PassContext) { activationForward(y0(c), x0(c), count: c.count * inShape.count, function) }
+    override func forward(_ c: PassContext) {
+        if fused { return }
+        activationForward(y0(c), x0(c), count: c.count * inShape.count, function)
+    }
     override func backward(_ c: PassContext) {
         guard let d = dx0(c) else { return }
         activationBackward(d, dy0(c), x: x0(c), y: y0(c), count: c.count * inShape.count, function)

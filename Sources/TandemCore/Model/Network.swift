@@ -41,6 +41,9 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// Per node, the full-batch activation and its gradient; `activations[0]` is the input.
     public let activations: [UnsafeMutablePointer<T>]
     public let activationGradients: [UnsafeMutablePointer<T>?]
+    /// ReLU nodes that the convolution before them applies as it writes its output (they share its
+    /// buffers; their forward does nothing).
+    public let fusedReLUs: Set<Int>
     /// Integer labels of the local batch.
     public let labels: UnsafeMutablePointer<Int32>
     /// The run's seed (keys dropout masks) and the global index of local sample 0.
@@ -93,13 +96,27 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         gradients = UnsafeMutableBufferPointer(start: alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
         statistics = UnsafeMutableBufferPointer(start: alloc(T.self, graph.statisticsCount, into: &owned), count: graph.statisticsCount)
         labels = alloc(Int32.self, capacity, into: &owned)
+        // A ReLU whose input is a convolution that nothing else reads is applied by the convolution as
+        // it writes its output (saving the ReLU's forward pass); the two nodes share their activation
+        // and gradient buffers, and the ReLU's backward masks the gradient in place.
+        let fused = Set(graph.nodes.filter { node in
+            guard node.kind == .relu, let i = node.inputs.first, i > 0, graph.consumers[i] == [node.index],
+                  case .convolution? = graph.nodes[i].kind else { return false }
+            return true
+        }.map(\.index))
         var acts: [UnsafeMutablePointer<T>] = []
         var grads: [UnsafeMutablePointer<T>?] = []
         for node in graph.nodes {
+            if fused.contains(node.index) {
+                acts.append(acts[node.inputs[0]])
+                grads.append(grads[node.inputs[0]])
+                continue
+            }
             acts.append(alloc(T.self, capacity * node.outputShape.count, into: &owned))
             grads.append(node.index == 0 && !inputGradient ? nil : alloc(T.self, capacity * node.outputShape.count, into: &owned))
         }
         activations = acts
+        fusedReLUs = fused
         activationGradients = grads
         var edges: [[UnsafeMutablePointer<T>]] = Array(repeating: [], count: graph.nodes.count)
         for node in graph.nodes where graph.consumers[node.index].count > 1 && grads[node.index] != nil {
@@ -122,6 +139,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
             var row: [Layer<T>] = []
             for node in graph.nodes.dropFirst() {
                 let layer: Layer<T> = makeLayer(node, capacity: partCapacity, reducer: reducer, exchange: exchange)
+                if fused.contains(node.index) { (layer as? ActivationLayer<T>)?.fused = true }
+                if let conv = layer as? ConvolutionLayer<T>, let r = graph.consumers[node.index].first, fused.contains(r) { conv.fusesReLU = true }
                 layer.x = node.inputs.map { acts[$0] }
                 layer.dx = node.inputs.map { input in
                     guard let g = grads[input] else { return nil }
