@@ -62,6 +62,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// Extra gradient buffers where a node feeds several layers: edge (consumer, slot) -> buffer.
     private var edgeBuffers: [[UnsafeMutablePointer<T>]]   // per node: one buffer per consumer edge
     private let pool: WorkerPool
+    /// Where the parts meet after backward, before each sums its share of the parts' gradients.
+    private let gradientsDone: SpinBarrier
     private var owned: [UnsafeMutableRawPointer] = []
 
     // The current command, read by every part.
@@ -128,6 +130,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         let maxChannels = graph.nodes.map { $0.outputShape.channels }.max() ?? 1
         reducer = PartReducer(parts: parts, capacity: 2 * maxChannels + 1)
         pool = WorkerPool(parts: parts)
+        gradientsDone = SpinBarrier(parties: parts)
         partLoss = alloc(Double.self, parts, into: &owned)
         partCorrect = alloc(Int.self, parts, into: &owned)
         layers = []
@@ -195,7 +198,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// gradient is scaled by `lossScale` (1 / the global batch, so that gradients summed over parts and
     /// ranks are the gradient of the mean loss). Returns the summed loss and correct predictions.
     public func trainStep(count: Int, lossScale: Double, step: Int) -> (loss: Double, correct: Int) {
-        zeroGradients()
+        if parts == 1 { zeroGradients() }   // with several parts each zeroes its own buffer (runPart)
         self.lossScale = T(lossScale)
         start(.train, count: count, training: true, step: step, updateStatistics: true)
         finishGradients()
@@ -236,13 +239,18 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         if parts == 1 { runPart(0) } else { pool.run() }
     }
 
-    /// Sums the parts' gradients into the main buffer (in part order) and tells the observer.
+    /// Tells the observer that every gradient is final (the parts summed theirs at the end of runPart).
     private func finishGradients() {
-        if parts > 1 {
-            let main = gradients.baseAddress!
-            for p in 1..<parts { accumulate(main, partGradients[p], count: graph.parameterCount) }
-        }
         observer?.gradientsReady(from: 0)
+    }
+
+    /// Part p's share of summing the parts' gradients into the main buffer, once every part is done:
+    /// a slice of the parameters, summed in part order (the same sums as one thread would make).
+    private func sumGradients(part p: Int) {
+        gradientsDone.wait()
+        let n = graph.parameterCount
+        let lo = n * p / parts, hi = n * (p + 1) / parts
+        for q in 1..<parts { accumulate(gradients.baseAddress! + lo, partGradients[q] + lo, count: hi - lo) }
     }
 
     private func runPart(_ p: Int) {
@@ -255,6 +263,9 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         let timed = p == 0 ? profile : nil
         let timer = p == 0 ? layerTimer : nil
         let clocked = timed != nil || timer != nil
+        if command == .train && parts > 1 {
+            UnsafeMutableRawPointer(partGradients[p]).initializeMemory(as: UInt8.self, repeating: 0, count: graph.parameterCount * MemoryLayout<T>.stride)
+        }
         if command == .forward || command == .train {
             for layer in row where c.count > 0 || layer.reducesAcrossParts {
                 if clocked {
@@ -296,6 +307,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
                 }
             }
             if c.count > 0 { sumEdges(0, c) }
+            if parts > 1 { sumGradients(part: p) }
         }
     }
 
