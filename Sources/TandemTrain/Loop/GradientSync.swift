@@ -141,7 +141,9 @@ private final class SyncWorker: @unchecked Sendable {
         started = .allocate(capacity: buckets.count)
         ended = .allocate(capacity: buckets.count)
         requests = Array(repeating: nil, count: buckets.count)
-        naps = buckets.map { UInt32(Self.nap(bytes: $0.count * MemoryLayout<Float>.stride)) }
+        // No naps for the last bucket: backward releases it as it ends, so the training thread is about
+        // to wait for it and a nap under way would only delay the step.
+        naps = buckets.indices.map { $0 == buckets.count - 1 ? 0 : UInt32(Self.nap(bytes: buckets[$0].count * MemoryLayout<Float>.stride)) }
         let thread = Thread { [self] in
             run()
             exited.signal()
@@ -183,7 +185,7 @@ private final class SyncWorker: @unchecked Sendable {
         let request = try comm.startAllreduceSum(base + b.lowerBound, count: b.count, reusing: requests[i])
         requests[i] = request
         while try !request.test() {
-            if trainingWaits.load(ordering: .acquiring) { sched_yield() } else { usleep(naps[i]) }
+            if naps[i] == 0 || trainingWaits.load(ordering: .acquiring) { sched_yield() } else { usleep(naps[i]) }
         }
     }
 
