@@ -57,6 +57,8 @@ public class Layer<T: Scalar> {
 
     func forward(_ c: PassContext) {}
     func backward(_ c: PassContext) {}
+    /// Called once the network has bound x, dx, y, dy, w and dw (before any pass).
+    func bound() {}
 
     @inline(__always) func x0(_ c: PassContext) -> UnsafeMutablePointer<T> { x[0] + c.start * inShape.count }
     @inline(__always) func dx0(_ c: PassContext) -> UnsafeMutablePointer<T>? { dx[0].map { $0 + c.start * inShape.count } }

@@ -33,10 +33,9 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
                 padded: own(allocateZeroed(Float.self, count: tandem_cv_padded_count(capacity, g.c))),
                 weights: own(allocateZeroed(Float.self, count: g.k * tandem_cv_channels(g.outC))),
                 sums: own(allocateZeroed(Float.self, count: tandem_cv_grad_scratch(g.outC, g.c))))
-        } else {
-            let perGroup = g.isPointwise ? 0 : g.k * capacity * g.outPlane
-            cols = own(allocateZeroed(T.self, count: perGroup * g.groups))
-        }
+        } else if !(T.self == Float.self && g.allowsDirect) {
+            allocateColumns()
+        }   // else: once bound, unless it convolves directly
         // GEMM scratch for one chunk (a smaller batch never has larger chunks).
         let chunk = g.isPointwise ? 0 : g.chunkSamples(batch: capacity)
         tmp = own(allocateZeroed(T.self, count: g.outGroup * chunk * g.outPlane))
@@ -45,6 +44,18 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
             padded = own(allocateZeroed(Float.self, count: tandem_direct_padded_count(capacity, g.c)))
             sums = own(allocateZeroed(Float.self, count: tandem_direct_grad_scratch(g.outC, g.c)))
         }
+    }
+
+    /// Column matrices for every group of the whole capacity, kept from forward for the weight gradient.
+    private func allocateColumns() {
+        let perGroup = g.isPointwise ? 0 : g.k * capacity * g.outPlane
+        cols = own(allocateZeroed(T.self, count: perGroup * g.groups))
+    }
+
+    /// A first layer that may convolve directly knows whether it does only once its input gradient is
+    /// bound: it allocates its column matrices (LeNet-5's conv1: 5 MB at batch 64) only if not.
+    override func bound() {
+        if channelDirect == nil && cols == nil && !direct { allocateColumns() }
     }
 
     /// A layer with few input channels at stride 1 whose input needs no gradient (a network's first

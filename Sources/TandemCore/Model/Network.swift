@@ -162,6 +162,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
                 }
                 let sr = node.statisticsRange
                 if !sr.isEmpty { layer.stats = statistics.baseAddress! + graph.statistics[sr.lowerBound].offset }
+                layer.bound()
                 row.append(layer)
             }
             layers.append(row)
