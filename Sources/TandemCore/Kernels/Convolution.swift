@@ -254,6 +254,7 @@ public func convBackward<T: Scalar>(
         }
         return
     }
+    precondition(dWeight == nil || cols != nil, "convBackward: a weight gradient needs the column matrices")
     let chunk = max(1, min(chunk ?? n, n))
     for g in 0..<s.groups {
         for s0 in stride(from: 0, to: n, by: chunk) {

@@ -262,7 +262,9 @@ final class BatchNormLayer<T: Scalar>: Layer<T> {
         let combines = reducer?.combines ?? false
         let shift = invStd!   // free until the variance is known
         for k in 0..<ch {
-            shift[k] = combines ? Double(stats[k]) : mean[k]
+            // (A non-finite running mean, e.g. from a checkpoint of a run that blew up, shifts by 0.)
+            let running = Double(stats[k])
+            shift[k] = combines ? (running.isFinite ? running : 0) : mean[k]
             let d = mean[k] - shift[k]
             sums[ch + k] += local * d * d
         }

@@ -13,7 +13,7 @@ public struct RunOptions: Sendable {
     /// An extra copy of summary.json.
     public var summaryJSON: String?
     public var quiet = false
-    /// `after` by default: on 2-core machines MPI_Iallreduce progressed between layers cost more CPU than it hid (see README).
+    /// `overlap` by default: buckets allreduced by a sync thread while backward runs (see GradientSync and the README).
     public var gradientMode: GradientSync.Mode = .overlap
     public var bucketKB = 64
     /// Cores on this machine and the ranks sharing it (for threads: auto).
