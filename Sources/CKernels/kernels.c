@@ -414,21 +414,26 @@ static inline long round12(long v) { return (v + 11) / 12 * 12; }
 static inline long cv_hp(TandemConvShape s) { return s.inH + 2 * s.pH; }
 static inline long cv_wp(TandemConvShape s) { return s.inW + 2 * s.pW; }
 long tandem_cv_padded_count(long n, TandemConvShape s) { return n * s.inC * cv_hp(s) * cv_wp(s); }
+static inline long cv_groups(TandemConvShape s) { return s.inC / s.inGroup; }
 long tandem_cv_grad_scratch(long outC, TandemConvShape s) {
-    return (s.outH * s.outW + round12(s.inC * s.kH * s.kW)) * tandem_cv_channels(outC);
+    return (s.outH * s.outW + round12(s.inGroup * s.kH * s.kW)) * tandem_cv_channels(outC / cv_groups(s));
+}
+long tandem_cv_weights_count(long outC, TandemConvShape s) {
+    return cv_groups(s) * s.inGroup * s.kH * s.kW * tandem_cv_channels(outC / cv_groups(s));
 }
 
-void tandem_cv_weights_f32(float *restrict wt, const float *restrict w, long outC, long K) {
-    const long OCp = tandem_cv_channels(outC);
-    for (long k = 0; k < K; k++)
-        for (long oc = 0; oc < OCp; oc++) wt[k * OCp + oc] = oc < outC ? w[oc * K + k] : 0;
+void tandem_cv_weights_f32(float *restrict wt, const float *restrict w, long outC, TandemConvShape s) {
+    const long G = cv_groups(s), outGroup = outC / G, OCp = tandem_cv_channels(outGroup), K = s.inGroup * s.kH * s.kW;
+    for (long g = 0; g < G; g++)
+        for (long k = 0; k < K; k++)
+            for (long oc = 0; oc < OCp; oc++) wt[(g * K + k) * OCp + oc] = oc < outGroup ? w[(g * outGroup + oc) * K + k] : 0;
 }
 
-// off[k]: tap k = (c, ki, kj) in the padded input, zero from K to round12(K); pos[p]: the window corner of
+// off[k]: tap k = (c, ki, kj) of a group in its padded input, zero from K to round12(K); pos[p]: the window corner of
 // output position p = (oh, ow), then the last one repeated 12 times (tiles past the end read it).
 static void cv_tables(int32_t *off, int32_t *pos, TandemConvShape s) {
-    const long Hp = cv_hp(s), Wp = cv_wp(s), K = s.inC * s.kH * s.kW, P = s.outH * s.outW;
-    for (long c = 0; c < s.inC; c++)
+    const long Hp = cv_hp(s), Wp = cv_wp(s), K = s.inGroup * s.kH * s.kW, P = s.outH * s.outW;
+    for (long c = 0; c < s.inGroup; c++)
         for (long ki = 0; ki < s.kH; ki++)
             for (long kj = 0; kj < s.kW; kj++) off[(c * s.kH + ki) * s.kW + kj] = (int32_t)((c * Hp + ki) * Wp + kj);
     for (long k = K; k < round12(K); k++) off[k] = 0;
@@ -472,25 +477,30 @@ TANDEM_CLONES
 void tandem_cv_forward_f32(float *restrict y, float *restrict xp, const float *restrict x, const float *restrict wt,
                            const float *restrict bias, long n, long outC, TandemConvShape s, int relu) {
     const long Hp = cv_hp(s), Wp = cv_wp(s), padded = s.inC * Hp * Wp, inPlane = s.inH * s.inW;
-    const long K = s.inC * s.kH * s.kW, OCp = tandem_cv_channels(outC), P = s.outH * s.outW;
+    const long G = cv_groups(s), outGroup = outC / G, K = s.inGroup * s.kH * s.kW, OCp = tandem_cv_channels(outGroup);
+    const long P = s.outH * s.outW;
     int32_t off[round12(K)], pos[P + 12];
     cv_tables(off, pos, s);
-    float b[OCp];
-    for (long oc = 0; oc < OCp; oc++) b[oc] = bias && oc < outC ? bias[oc] : 0;
+    float b[G * OCp];
+    for (long g = 0; g < G; g++)
+        for (long oc = 0; oc < OCp; oc++) b[g * OCp + oc] = bias && oc < outGroup ? bias[g * outGroup + oc] : 0;
     for (long i = 0; i < n; i++) {
         float *xb = xp + i * padded;
         __builtin_memset(xb, 0, sizeof(float) * padded);
         for (long c = 0; c < s.inC; c++)
             for (long ih = 0; ih < s.inH; ih++)
                 __builtin_memcpy(xb + (c * Hp + ih + s.pH) * Wp + s.pW, x + (i * s.inC + c) * inPlane + ih * s.inW, sizeof(float) * s.inW);
-        float *yb = y + i * outC * P;
-        for (long cb = 0; cb < OCp;) {
-            if (OCp - cb >= 16) {
-                for (long p0 = 0; p0 < P; p0 += 6) cv_forward_2_6(yb, xb, wt, b, off, pos, p0, lmin(6, P - p0), K, OCp, cb, outC, P, relu);
-                cb += 16;
-            } else {
-                for (long p0 = 0; p0 < P; p0 += 7) cv_forward_1_7(yb, xb, wt, b, off, pos, p0, lmin(7, P - p0), K, OCp, cb, outC, P, relu);
-                cb += 8;
+        for (long g = 0; g < G; g++) {
+            const float *xg = xb + g * s.inGroup * Hp * Wp, *wg = wt + g * K * OCp, *bg = b + g * OCp;
+            float *yg = y + (i * outC + g * outGroup) * P;
+            for (long cb = 0; cb < OCp;) {
+                if (OCp - cb >= 16) {
+                    for (long p0 = 0; p0 < P; p0 += 6) cv_forward_2_6(yg, xg, wg, bg, off, pos, p0, lmin(6, P - p0), K, OCp, cb, outGroup, P, relu);
+                    cb += 16;
+                } else {
+                    for (long p0 = 0; p0 < P; p0 += 7) cv_forward_1_7(yg, xg, wg, bg, off, pos, p0, lmin(7, P - p0), K, OCp, cb, outGroup, P, relu);
+                    cb += 8;
+                }
             }
         }
     }
@@ -525,33 +535,35 @@ CV_GRAD_TILE(1, 12)
 TANDEM_CLONES
 void tandem_cv_weight_grad_f32(float *restrict dw, float *restrict db, float *restrict scratch, const float *restrict dy,
                                const float *restrict xp, long n, long outC, TandemConvShape s) {
-    const long padded = s.inC * cv_hp(s) * cv_wp(s), K = s.inC * s.kH * s.kW, Kp = round12(K);
-    const long OCp = tandem_cv_channels(outC), P = s.outH * s.outW;
+    const long Hp = cv_hp(s), Wp = cv_wp(s), padded = s.inC * Hp * Wp, K = s.inGroup * s.kH * s.kW, Kp = round12(K);
+    const long G = cv_groups(s), outGroup = outC / G, OCp = tandem_cv_channels(outGroup), P = s.outH * s.outW;
     int32_t off[Kp], pos[P + 12];
     cv_tables(off, pos, s);
     float *dyT = scratch, *acc = scratch + P * OCp;
-    for (long i = 0; i < (P + Kp) * OCp; i++) scratch[i] = 0;
     double bsum[OCp];
-    for (long oc = 0; oc < OCp; oc++) bsum[oc] = 0;
-    for (long i = 0; i < n; i++) {
-        const float *xb = xp + i * padded, *dyb = dy + i * outC * P;
-        for (long oc = 0; oc < outC; oc++) {
-            for (long p = 0; p < P; p++) dyT[p * OCp + oc] = dyb[oc * P + p];
-            bsum[oc] += (double)plane_sum(dyb + oc * P, P);
-        }
-        for (long cb = 0; cb < OCp;) {
-            if (OCp - cb >= 16) {
-                for (long k0 = 0; k0 < K; k0 += 6) cv_grad_2_6(acc, xb, dyT, off, pos, P, k0, OCp, cb);
-                cb += 16;
-            } else {
-                for (long k0 = 0; k0 < K; k0 += 12) cv_grad_1_12(acc, xb, dyT, off, pos, P, k0, OCp, cb);
-                cb += 8;
+    for (long g = 0; g < G; g++) {
+        for (long i = 0; i < (P + Kp) * OCp; i++) scratch[i] = 0;
+        for (long oc = 0; oc < OCp; oc++) bsum[oc] = 0;
+        for (long i = 0; i < n; i++) {
+            const float *xg = xp + i * padded + g * s.inGroup * Hp * Wp, *dyg = dy + (i * outC + g * outGroup) * P;
+            for (long oc = 0; oc < outGroup; oc++) {
+                for (long p = 0; p < P; p++) dyT[p * OCp + oc] = dyg[oc * P + p];
+                bsum[oc] += (double)plane_sum(dyg + oc * P, P);
+            }
+            for (long cb = 0; cb < OCp;) {
+                if (OCp - cb >= 16) {
+                    for (long k0 = 0; k0 < K; k0 += 6) cv_grad_2_6(acc, xg, dyT, off, pos, P, k0, OCp, cb);
+                    cb += 16;
+                } else {
+                    for (long k0 = 0; k0 < K; k0 += 12) cv_grad_1_12(acc, xg, dyT, off, pos, P, k0, OCp, cb);
+                    cb += 8;
+                }
             }
         }
-    }
-    for (long oc = 0; oc < outC; oc++) {
-        for (long k = 0; k < K; k++) dw[oc * K + k] += acc[k * OCp + oc];
-        if (db) db[oc] += (float)bsum[oc];
+        for (long oc = 0; oc < outGroup; oc++) {
+            for (long k = 0; k < K; k++) dw[(g * outGroup + oc) * K + k] += acc[k * OCp + oc];
+            if (db) db[g * outGroup + oc] += (float)bsum[oc];
+        }
     }
 }
 

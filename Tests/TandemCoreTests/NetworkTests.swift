@@ -462,6 +462,24 @@ private let dagLayers: [LayerSpec] = [
         #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
     }
 
+    /// Convolutions the direct kernels do not take (stride 2; fewer than 8 output channels per group
+    /// behind another layer) run im2col + GEMM in chunks in Float.
+    @Test func im2colConvolutionsInANetworkMatchTheDoubleStep() throws {
+        let input = Shape(3, 13, 11)
+        let layers = [conv("c1", 12, k: 3, s: 2, p: 1), layer("r1", .relu), conv("c2", 8, k: 3, p: 1, groups: 2), layer("r2", .relu),
+                      layer("f", .flatten), layer("fc", .linear(outFeatures: 10, bias: true))]
+        let graph = try Graph(input: input, layers: layers)
+        for node in graph.nodes {
+            guard case let .convolution(outC, window, groups, _)? = node.kind else { continue }
+            #expect(!ConvGeometry(input: node.inputShapes[0], outChannels: outC, window: window, groups: groups).allowsChannelDirect)
+        }
+        let f = try trainOnce(Float.self, input: input, layers, batch: 10, parts: 1)
+        let d = try trainOnce(Double.self, input: input, layers, batch: 10, parts: 1)
+        let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)
+        #expect(g.error <= 1e-4, "gradient of \(g.tensor) differs by \(g.error)")
+        #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
+    }
+
     /// First layers with fewer than 8 output channels take the direct convolution (more take the
     /// channel-vectorised one, below): output channels 1 to 7, kernel widths 3, 5 (specialised) and 7
     /// (generic), padding, bias or none, 1-4 channels.
@@ -478,20 +496,22 @@ private let dagLayers: [LayerSpec] = [
         #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
     }
 
-    /// The channel-vectorised direct convolution (at least 8 output channels, small weight matrix), as
+    /// The channel-vectorised direct convolution (stride 1, at least 8 output channels per group), as
     /// a first layer and behind a 1x1 convolution (so that its input gradient is needed): channel
-    /// blocks of 16 and a last block of 8, output positions and window taps that leave tiles partly
-    /// filled, padding up to kernel - 1, bias or none. 11 x 17 inputs.
-    @Test(arguments: [(1, 64, 5, 2, true, true), (6, 16, 5, 0, true, false), (3, 8, 3, 1, false, false),
-                      (5, 24, 3, 2, true, false), (2, 40, 5, 4, false, true)])
-    func channelDirectConvolutionMatchesTheDoubleStep(channels: Int, outChannels: Int, kernel: Int, pad: Int, bias: Bool, first: Bool) throws {
+    /// blocks of 16 and a last block of 8, groups, output positions and window taps that leave tiles
+    /// partly filled, padding up to kernel - 1, bias or none. 11 x 17 inputs.
+    @Test(arguments: [(1, 64, 5, 2, true, true, 1), (6, 16, 5, 0, true, false, 1), (3, 8, 3, 1, false, false, 1),
+                      (5, 24, 3, 2, true, false, 1), (2, 40, 5, 4, false, true, 1), (8, 48, 3, 1, true, false, 2),
+                      (6, 24, 3, 1, false, false, 3)])
+    func channelDirectConvolutionMatchesTheDoubleStep(channels: Int, outChannels: Int, kernel: Int, pad: Int, bias: Bool, first: Bool,
+                                                      groups: Int) throws {
         let input = Shape(channels, 11, 17)
-        let tested = conv("c", outChannels, k: kernel, p: pad, bias: bias)
+        let tested = conv("c", outChannels, k: kernel, p: pad, groups: groups, bias: bias)
         let layers = (first ? [] : [conv("pre", channels, k: 1, bias: false)])
             + [tested, layer("r", .relu), layer("f", .flatten), layer("fc", .linear(outFeatures: 10, bias: true))]
         let graph = try Graph(input: input, layers: layers)
         let geometry = ConvGeometry(input: input, outChannels: outChannels,
-                                    window: Window(kernelH: kernel, kernelW: kernel, padH: pad, padW: pad), groups: 1)
+                                    window: Window(kernelH: kernel, kernelW: kernel, padH: pad, padW: pad), groups: groups)
         #expect(geometry.allowsChannelDirect)
         let f = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
         let d = try trainOnce(Double.self, input: input, layers, batch: 3, parts: 1)

@@ -53,14 +53,16 @@ void tandem_direct_conv_weight_grad_f32(float *dw, float *db, float *acc, const 
                                         long n, long outC, TandemConvShape s);
 
 /// Direct convolution with output channels in vectors, for layers whose weight matrix is small next
-/// to their column matrix (LeNet-5's conv2, the small AlexNet's conv1): stride 1, one group, padding
-/// below the kernel size. Weights transposed and padded by tandem_cv_weights_f32, wt[K][OCp] with
-/// OCp = tandem_cv_channels(outC). `xp` receives the zero-padded input of every sample,
+/// to their column matrix (LeNet-5's conv2, the small AlexNet's conv1): stride 1, padding below the
+/// kernel size, any groups. Weights transposed and padded by tandem_cv_weights_f32, per group
+/// wt[K][OCp] with K = inGroup * kH * kW and OCp = tandem_cv_channels(outC / groups)
+/// (tandem_cv_weights_count(outC, s) floats). `xp` receives the zero-padded input of every sample,
 /// [n, inC, inH + 2 pH, inW + 2 pW] (tandem_cv_padded_count(n, s) floats), kept for the weight gradient.
 /// bias may be null. Writes y, or max(0, y) when relu != 0.
 long tandem_cv_channels(long outC);
 long tandem_cv_padded_count(long n, TandemConvShape s);
-void tandem_cv_weights_f32(float *wt, const float *w, long outC, long K);
+long tandem_cv_weights_count(long outC, TandemConvShape s);
+void tandem_cv_weights_f32(float *wt, const float *w, long outC, TandemConvShape s);
 void tandem_cv_forward_f32(float *y, float *xp, const float *x, const float *wt, const float *bias,
                            long n, long outC, TandemConvShape s, int relu);
 /// Weight and bias gradients (added to dw, db; db may be null) from dy and the kept padded input;

@@ -31,7 +31,7 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
         if T.self == Float.self && g.allowsChannelDirect {
             channelDirect = ChannelDirect(
                 padded: own(allocateZeroed(Float.self, count: tandem_cv_padded_count(capacity, g.c))),
-                weights: own(allocateZeroed(Float.self, count: g.k * tandem_cv_channels(g.outC))),
+                weights: own(allocateZeroed(Float.self, count: tandem_cv_weights_count(g.outC, g.c))),
                 sums: own(allocateZeroed(Float.self, count: tandem_cv_grad_scratch(g.outC, g.c))))
         } else if !(T.self == Float.self && g.allowsDirect) {
             allocateColumns()
@@ -66,7 +66,7 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
     override func forward(_ c: PassContext) {
         let bias = hasBias ? w + g.outC * g.k : nil
         if let cd = channelDirect {
-            tandem_cv_weights_f32(cd.weights, floats(w), g.outC, g.k)
+            tandem_cv_weights_f32(cd.weights, floats(w), g.outC, g.c)
             tandem_cv_forward_f32(floats(y0(c)), cd.padded, floats(x0(c)), cd.weights, bias.map(floats), c.count, g.outC, g.c,
                                   fusesReLU ? 1 : 0)
             return
