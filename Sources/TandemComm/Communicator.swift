@@ -40,6 +40,11 @@ public protocol Communicator: AnyObject {
     /// nothing is allocated; any other value is ignored.
     func startAllreduceSum(_ buffer: UnsafeMutablePointer<Float>, count: Int, reusing request: CommRequest?) throws -> CommRequest
 
+    /// Moves the library's non-blocking operations on without waiting for any (MPI: one pass of
+    /// the progress engine, through MPI_Iprobe). Safe from one thread while another thread polls
+    /// requests of another communicator of this process; a no-op for the in-process backends.
+    func progress()
+
     /// Copies `bytes` bytes from `root`'s buffer into every other rank's buffer.
     func broadcast(_ buffer: UnsafeMutableRawPointer, bytes: Int, root: Int) throws
 
@@ -74,6 +79,9 @@ public protocol Communicator: AnyObject {
 extension Communicator {
     /// The in-process backends: every communicator is independent of the others.
     public var allowsConcurrentCommunicators: Bool { true }
+
+    /// The in-process backends finish their operations when they start them.
+    public func progress() {}
 
     /// The in-process backends finish at once; their requests hold nothing to reuse.
     public func startAllreduceSum(_ buffer: UnsafeMutablePointer<Float>, count: Int, reusing request: CommRequest?) throws -> CommRequest {

@@ -73,16 +73,29 @@ struct Bench: ParsableCommand {
             let phases: [String: Double] = ["data": perStep(timing.data), "forward": perStep(forward),
                                             "backward": perStep(timing.compute - forward),
                                             "allreduce_wait": perStep(timing.allreduce), "optimizer": perStep(timing.optimizer)]
+            // Every rank's phases, gathered to all (rank 0 reports them): where the ranks differ, the
+            // faster one waits for the slower one after backward.
+            let names = ["data", "forward", "backward", "allreduce_wait", "optimizer"]
+            var mine = names.map { phases[$0]! } + [allreduceMs]
+            var all = [Double](repeating: 0, count: mine.count * comm.size)
+            try mine.withUnsafeMutableBytes { m in
+                try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: m.count, into: a.baseAddress!) }
+            }
+            let perRank = (0..<comm.size).map { r in Array(all[(r * mine.count)..<((r + 1) * mine.count)]) }
             guard comm.rank == 0 else { return }
             let cores = ProcessInfo.processInfo.activeProcessorCount
             let oversubscribed = o.ranksOnThisMachine * trainer.threads > cores
             print(String(format: "%@: %d steps of batch %d, %d rank(s) x %d thread(s): %@ img/s (%.3f ms/step)",
                          c.source, steps, c.batchSize, comm.size, trainer.threads, formatCount(images / elapsed), 1000 * elapsed / Double(steps)))
             if let trace { print("trace: " + (comm.size > 1 ? "\(trace).rank0 .. \(trace).rank\(comm.size - 1)" : trace)) }
-            print(["data", "forward", "backward", "allreduce_wait", "optimizer"].map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
+            print(names.map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
             if trainer.sync.active {
                 print(String(format: "gradient sync (%@, %d bucket(s)): allreduces %.3f ms per step, %.3f ms of it waited for after backward",
                              trainer.sync.mode.rawValue, trainer.sync.buckets.count, allreduceMs, phases["allreduce_wait"]!))
+            }
+            if comm.size > 1 {
+                print("per rank (ms per step): " + perRank.enumerated().map { r, v in
+                    String(format: "rank %d forward %.3f backward %.3f wait %.3f", r, v[1], v[2], v[3]) }.joined(separator: "; "))
             }
             if perLayer {
                 let local = Double(c.batchSize / comm.size) / Double(trainer.threads)
@@ -109,6 +122,8 @@ struct Bench: ParsableCommand {
                     "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,
                     "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,
                     "tags": tagDictionary(tag),
+                    "ranks": perRank.enumerated().map { r, v in
+                        ["rank": r, "phases_ms": Dictionary(uniqueKeysWithValues: zip(names, v)), "allreduce_ms": v[5]] as [String: Any] },
                 ]
                 let d = try JSONSerialization.data(withJSONObject: result, options: [.prettyPrinted, .sortedKeys])
                 try writeAtomically(d, to: json)

@@ -90,10 +90,10 @@ struct FailureProcessTests {
         #expect(c.header.step > 0 && c.header.step % 5 == 0)
     }
 
-    // Rank 1 stops after its step-2 backward. After backward, rank 0 waits in the gradient allreduce;
-    // with overlap, rank 1's sync thread has already allreduced the step's buckets, so rank 0 waits in
-    // the next collective, the loss sum.
-    @Test(arguments: [("after", "allreduce of gradients (step 2)"), ("overlap", "allreduce of the loss (step 2)")])
+    // Rank 1 stops after its step-2 backward. After backward, rank 0 waits in the gradient allreduce:
+    // with overlap, rank 1's sync thread has allreduced every bucket but the last, which each rank's
+    // training thread allreduces itself after backward.
+    @Test(arguments: [("after", "allreduce of gradients (step 2)"), ("overlap", "allreduce of gradients (step 2)")])
     func hungRankIsEndedByTheWatchdog(mode: String, collective: String) throws {
         let r = try run("/usr/bin/env", ["TANDEM_TEST_HANG_RANK=1", "TANDEM_TEST_HANG_STEP=2", mpirunPath!, "--allow-run-as-root", "--oversubscribe",
                                          "--bind-to", "none", "-x", "TANDEM_TEST_HANG_RANK", "-x", "TANDEM_TEST_HANG_STEP", "-np", "2", trainerBinary,

@@ -105,6 +105,27 @@ struct MPITests {
         #expect(try summary(after)["param_norm"] as! Double == summary(overlap)["param_norm"] as! Double)
     }
 
+    @Test func benchUnderMPIWritesTheJobAndEveryRank() throws {
+        let json = temporaryFolder() + "/bench.json"
+        let r = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--batch-size", "32", "--warmup", "1", "--steps", "3", "--json", json])
+        #expect(r.status == 0, "\(r.error)")
+        #expect(r.output.contains("per rank (ms per step): rank 0 forward"), "\(r.output)")
+        let o = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any])
+        #expect(o["world_size"] as? Int == 2 && o["threads"] as? Int == 1 && o["batch_size"] as? Int == 32)
+        #expect((o["images_per_second"] as? Double ?? 0) > 0)
+        let phases = ["data", "forward", "backward", "allreduce_wait", "optimizer"]
+        let job = try #require(o["phases_ms"] as? [String: Double])
+        #expect(Set(job.keys) == Set(phases))
+        let ranks = try #require(o["ranks"] as? [[String: Any]])
+        #expect(ranks.map { $0["rank"] as? Int } == [0, 1])
+        for rank in ranks {
+            let p = try #require(rank["phases_ms"] as? [String: Double])
+            #expect(Set(p.keys) == Set(phases) && p["forward"]! > 0 && p["backward"]! > 0, "\(rank)")
+        }
+        // Rank 0's own phases are the job's.
+        #expect(ranks[0]["phases_ms"] as? [String: Double] == job)
+    }
+
     @Test func worldSizeThatDoesNotFitEndsEveryRankWithOneLine() throws {
         let cfg = try smallConfig(batch: 30)
         let r = try mpirun(4, ["--config", cfg, "--out", temporaryFolder()], timeout: 60)

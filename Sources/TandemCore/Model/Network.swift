@@ -13,6 +13,13 @@ import Darwin
 public protocol GradientObserver: AnyObject {
     /// Every gradient at offset >= `offset` of the flat gradient buffer is final for this step.
     func gradientsReady(from offset: Int)
+    /// Called after each layer's backward (when the rank's batch runs on one thread): a chance to
+    /// move allreduces in flight on. Must be cheap and must not block.
+    func layerBackwardDone()
+}
+
+extension GradientObserver {
+    public func layerBackwardDone() {}
 }
 
 /// Told each layer's forward and backward begin and end times of part 0 (the trace recorder).
@@ -303,8 +310,11 @@ public final class Network<T: Scalar>: @unchecked Sendable {
                         layer.backward(c)
                     }
                 }
-                if reportEarly, !layer.node.parameterRange.isEmpty {
-                    observer!.gradientsReady(from: graph.parameters[layer.node.parameterRange.lowerBound].offset)
+                if reportEarly {
+                    if !layer.node.parameterRange.isEmpty {
+                        observer!.gradientsReady(from: graph.parameters[layer.node.parameterRange.lowerBound].offset)
+                    }
+                    observer!.layerBackwardDone()
                 }
             }
             if c.count > 0 { sumEdges(0, c) }

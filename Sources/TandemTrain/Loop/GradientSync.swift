@@ -12,6 +12,12 @@
 // sync thread progressed at once but spun on the rank's only core while the other rank caught up
 // (LeNet-5 -np 2, batch 128: 24,926 img/s); polled with naps it leaves that time to backward
 // (29,154-29,863 img/s, the same as one allreduce after backward, with less wait).
+//
+// Session 4: a woken sync thread runs only when the scheduler lets it preempt the training thread
+// on the rank's core, so the training thread also runs the progress engine between backward layers
+// while a bucket is in flight (LeNet-5's 236 KB bucket: 1.7 ms from start to end -> 0.2-0.8 ms), does
+// the last bucket's allreduce itself (no hand-off and wake-up at the end of every step), and cuts
+// the sync thread's nap short when it starts waiting.
 import Foundation
 import Synchronization
 import TandemComm
@@ -37,7 +43,8 @@ public final class GradientSync: GradientObserver {
     /// Seconds spent blocked in `finish` (the allreduce wait on the critical path).
     public private(set) var waitSeconds = 0.0
     /// Seconds the allreduces themselves took (overlap: on the sync thread), summed over buckets.
-    public var allreduceSeconds: Double { worker?.busySeconds ?? afterSeconds }
+    public var allreduceSeconds: Double { (worker?.busySeconds ?? 0) + afterSeconds }
+    /// The training thread's own allreduces: the whole buffer (after), the last bucket (overlap).
     private var afterSeconds = 0.0
     /// `--trace`: each bucket's allreduce from start to completion, and the wait in `finish`.
     var trace: TraceRecorder?
@@ -62,10 +69,11 @@ public final class GradientSync: GradientObserver {
         }
         if end > 0 { cuts.append(0..<end) }
         buckets = mode == .after ? [0..<graph.parameterCount] : cuts
-        if mode == .overlap && comm.size > 1 && graph.parameterCount > 0 {
+        if mode == .overlap && comm.size > 1 && buckets.count > 1 {
             // Its own communicator, so that its allreduces never interleave with the training
-            // thread's collectives on `comm` (loss sums, sync BN, checkpoints).
-            worker = SyncWorker(comm: try comm.split(color: 0, key: comm.rank), base: gradients.baseAddress!, buckets: buckets)
+            // thread's collectives on `comm` (loss sums, sync BN, checkpoints). The last bucket,
+            // which backward finishes as it ends, is the training thread's own (see `finish`).
+            worker = SyncWorker(comm: try comm.split(color: 0, key: comm.rank), base: gradients.baseAddress!, buckets: Array(buckets.dropLast()))
         } else {
             worker = nil
         }
@@ -78,10 +86,16 @@ public final class GradientSync: GradientObserver {
     /// Called by backward: every gradient at offset >= `offset` is final.
     public func gradientsReady(from offset: Int) {
         guard let worker else { return }
-        while released < buckets.count && buckets[released].lowerBound >= offset {
+        while released < buckets.count - 1 && buckets[released].lowerBound >= offset {
             worker.release()
             released += 1
         }
+    }
+
+    /// Called by backward after each layer: while the sync thread has a bucket in flight, runs
+    /// MPI's progress engine once from the training thread (see `SyncWorker.inFlight`).
+    public func layerBackwardDone() {
+        if let worker, worker.inFlight.load(ordering: .relaxed) { comm.progress() }
     }
 
     /// Completes every allreduce; call after backward, before the optimiser step.
@@ -101,11 +115,23 @@ public final class GradientSync: GradientObserver {
             return
         }
         // Buckets not released yet (backward ran on several threads and reported at the end).
-        while released < buckets.count { worker.release(); released += 1 }
+        while released < buckets.count - 1 { worker.release(); released += 1 }
         released = 0
+        // The last bucket on this thread, blocking, on `comm`: handing it to the sync thread and
+        // waiting for it cost two thread wake-ups on the rank's core per step (LeNet-5 -np 2: a wait
+        // of 0.14 ms per step for a 10 KB bucket whose allreduce takes 15-25 us). The other buckets'
+        // allreduces move on meanwhile (one progress engine), and all ranks take the same order.
+        let last = buckets[buckets.count - 1]
+        var failure: Error?
+        do { try comm.allreduceSum(gradients.baseAddress! + last.lowerBound, count: last.count) } catch { failure = error }
+        let end = Clock.now
+        afterSeconds += end - start
         worker.waitForAll()
-        if let trace { for i in buckets.indices { trace.bucket(i, start: worker.started[i], end: worker.ended[i]) } }
-        if let error = worker.takeError() { throw error }
+        if let trace {
+            for i in 0..<(buckets.count - 1) { trace.bucket(i, start: worker.started[i], end: worker.ended[i]) }
+            trace.bucket(buckets.count - 1, start: start, end: end)
+        }
+        if let error = failure ?? worker.takeError() { throw error }
     }
 }
 
@@ -130,8 +156,17 @@ private final class SyncWorker: @unchecked Sendable {
     private(set) var busySeconds = 0.0
     private var error: Error?
     private let stopping = Atomic<Bool>(false)
+    /// Set while a bucket's allreduce is in flight. The sync thread shares its rank's core with the
+    /// training thread, and the scheduler lets a thread woken from a nap run only after the running
+    /// one's slice: polled from the sync thread alone, LeNet-5's 236 KB bucket took 1.7-2 ms (its
+    /// allreduce alone: 66-172 us) and often ended after backward. The training thread therefore
+    /// also runs the progress engine between layers while this is set.
+    let inFlight = Atomic<Bool>(false)
     /// Set while the training thread is blocked in `waitForAll`.
     private let trainingWaits = Atomic<Bool>(false)
+    /// A nap the training thread cuts short when it starts waiting (see `nap(_:)`).
+    private let wake = DispatchSemaphore(value: 0)
+    private let napping = Atomic<Bool>(false)
 
     init(comm: Communicator, base: UnsafeMutablePointer<Float>, buckets: [Range<Int>]) {
         precondition(!buckets.isEmpty, "SyncWorker needs at least one bucket")
@@ -141,9 +176,7 @@ private final class SyncWorker: @unchecked Sendable {
         started = .allocate(capacity: buckets.count)
         ended = .allocate(capacity: buckets.count)
         requests = Array(repeating: nil, count: buckets.count)
-        // No naps for the last bucket: backward releases it as it ends, so the training thread is about
-        // to wait for it and a nap under way would only delay the step.
-        naps = buckets.indices.map { $0 == buckets.count - 1 ? 0 : UInt32(Self.nap(bytes: buckets[$0].count * MemoryLayout<Float>.stride)) }
+        naps = buckets.map { UInt32(Self.nap(bytes: $0.count * MemoryLayout<Float>.stride)) }
         let thread = Thread { [self] in
             run()
             exited.signal()
@@ -158,7 +191,8 @@ private final class SyncWorker: @unchecked Sendable {
 
     /// Returns once every bucket of this step is done (semaphores order the memory accesses).
     func waitForAll() {
-        trainingWaits.store(true, ordering: .releasing)
+        trainingWaits.store(true, ordering: .sequentiallyConsistent)
+        if napping.exchange(false, ordering: .sequentiallyConsistent) { wake.signal() }
         doneSignal.wait()
         trainingWaits.store(false, ordering: .releasing)
     }
@@ -184,9 +218,25 @@ private final class SyncWorker: @unchecked Sendable {
         let b = buckets[i]
         let request = try comm.startAllreduceSum(base + b.lowerBound, count: b.count, reusing: requests[i])
         requests[i] = request
+        inFlight.store(true, ordering: .relaxed)
+        defer { inFlight.store(false, ordering: .relaxed) }
         while try !request.test() {
-            if naps[i] == 0 || trainingWaits.load(ordering: .acquiring) { sched_yield() } else { usleep(naps[i]) }
+            if trainingWaits.load(ordering: .sequentiallyConsistent) { sched_yield() } else { nap(naps[i]) }
         }
+    }
+
+    /// Sleeps up to `microseconds`, or until the training thread starts waiting for the buckets:
+    /// a nap of the small AlexNet's 2 ms for its fc6 bucket must not delay the end of the step.
+    /// Either this thread sees `trainingWaits` or the training thread sees `napping` (sequentially
+    /// consistent), and every signal of `wake` is consumed here, so none is left for a later nap.
+    private func nap(_ microseconds: UInt32) {
+        napping.store(true, ordering: .sequentiallyConsistent)
+        var consumed = false
+        if !trainingWaits.load(ordering: .sequentiallyConsistent) {
+            consumed = wake.wait(timeout: .now() + .microseconds(Int(microseconds))) == .success
+        }
+        // The training thread took the flag: its signal is on its way if the wait did not take it.
+        if !napping.exchange(false, ordering: .sequentiallyConsistent) && !consumed { wake.wait() }
     }
 
     /// The nap between polls of a bucket of `bytes` while backward runs: about the time the
