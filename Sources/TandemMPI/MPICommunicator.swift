@@ -248,10 +248,19 @@ public final class MPICommunicator: Communicator {
 
     /// (offset, count) pieces of `total` of at most `maxCountPerCall`; one (0, 0) piece for
     /// `total == 0`, so that every rank still makes the (empty) collective call.
-    private func chunks(_ total: Int, limit: Int? = nil) -> [(Int, Int)] {
-        let limit = limit ?? maxCountPerCall
-        if total == 0 { return [(0, 0)] }
-        return stride(from: 0, to: total, by: limit).map { ($0, min(limit, total - $0)) }
+    /// A sequence, not an array: the per-step loss sum and last gradient bucket allocate nothing.
+    private func chunks(_ total: Int, limit: Int? = nil) -> Chunks { Chunks(total: total, limit: limit ?? maxCountPerCall) }
+
+    struct Chunks: Sequence, IteratorProtocol {
+        let total: Int, limit: Int
+        var offset = 0, done = false
+        mutating func next() -> (Int, Int)? {
+            if done { return nil }
+            let piece = (offset, Swift.min(limit, total - offset))
+            offset += piece.1
+            done = offset >= total
+            return piece
+        }
     }
 
     private func check(_ code: Int32, _ call: String) throws {

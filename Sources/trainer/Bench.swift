@@ -62,7 +62,8 @@ struct Bench: ParsableCommand {
             try runSteps(steps, timing)
             try comm.barrier()
             let elapsed = Clock.now - t0
-            // The allreduces themselves (overlap: on the sync thread, including waiting for the other ranks to release a bucket).
+            // The allreduces themselves (overlap: on the sync thread, including waiting for the other ranks to release a bucket,
+            // and the last bucket on the training thread).
             let allreduceMs = 1000 * (trainer.sync.allreduceSeconds - busy0) / Double(steps)
             if let recorder, let trace { try recorder.write(to: trace, worldSize: comm.size) }
             var forward = 0.0

@@ -1,8 +1,9 @@
 // Data-parallel gradient averaging. The flat gradient buffer is cut into buckets in reverse
 // layer order (the end of the buffer first, since backward finishes the last layers first).
-// In overlap mode a sync thread allreduces each bucket, on a communicator of its own, as soon as
-// backward reports its layers done, while the training thread goes on with the layers before
-// them; `finish` waits for the buckets still in flight before the optimiser step. The loss gradient
+// In overlap mode a sync thread allreduces each bucket but the last, on a communicator of its own,
+// as soon as backward reports its layers done, while the training thread goes on with the layers
+// before them; `finish` allreduces the last bucket on the training thread and waits for the buckets
+// still in flight before the optimiser step. The loss gradient
 // is already scaled by 1/global batch, so the sum over replicas is the gradient of the mean loss:
 // no further scaling.
 //
@@ -25,7 +26,8 @@ import TandemCore
 
 public final class GradientSync: GradientObserver {
     public enum Mode: String, Sendable, CaseIterable {
-        /// Each bucket allreduced by the sync thread as soon as backward finishes its layers.
+        /// Each bucket allreduced by the sync thread as soon as backward finishes its layers (the
+        /// last one by the training thread after backward).
         case overlap
         /// One blocking allreduce of the whole buffer after backward.
         case after
@@ -40,9 +42,11 @@ public final class GradientSync: GradientObserver {
     private let worker: SyncWorker?
     /// Buckets handed to the sync thread this step.
     private var released = 0
-    /// Seconds spent blocked in `finish` (the allreduce wait on the critical path).
+    /// Seconds spent in `finish` (the allreduce wait on the critical path, with overlap including the
+    /// last bucket's allreduce on the training thread).
     public private(set) var waitSeconds = 0.0
-    /// Seconds the allreduces themselves took (overlap: on the sync thread), summed over buckets.
+    /// Seconds the allreduces themselves took (overlap: on the sync thread, and the last bucket on the
+    /// training thread), summed over buckets.
     public var allreduceSeconds: Double { (worker?.busySeconds ?? 0) + afterSeconds }
     /// The training thread's own allreduces: the whole buffer (after), the last bucket (overlap).
     private var afterSeconds = 0.0
@@ -129,9 +133,11 @@ public final class GradientSync: GradientObserver {
         worker.waitForAll()
         if let trace {
             for i in 0..<(buckets.count - 1) { trace.bucket(i, start: worker.started[i], end: worker.ended[i]) }
-            trace.bucket(buckets.count - 1, start: start, end: end)
+            trace.bucket(buckets.count - 1, start: start, end: end, tid: 0)
         }
-        if let error = failure ?? worker.takeError() { throw error }
+        // Take the sync thread's error in any case, so that none is left for a later step.
+        let workerError = worker.takeError()
+        if let error = failure ?? workerError { throw error }
     }
 }
 

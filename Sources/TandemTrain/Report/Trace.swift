@@ -80,9 +80,11 @@ public final class TraceRecorder: LayerTimer {
         }
     }
 
-    /// A gradient bucket's allreduce, from its start to its completion (on the communication track).
-    func bucket(_ i: Int, start: Double, end: Double) {
-        record(bucketBase + Int32(i), tid: 1, start: start, end: end)
+    /// A gradient bucket's allreduce, from its start to its completion: on the communication track
+    /// (1) when the sync thread or one whole-buffer call ran it, on the training track (0) for the
+    /// last bucket that the training thread allreduces itself (inside its wait, so slices nest).
+    func bucket(_ i: Int, start: Double, end: Double, tid: Int32 = 1) {
+        record(bucketBase + Int32(i), tid: tid, start: start, end: end)
     }
 
     // MARK: - The file
