@@ -731,3 +731,18 @@ int tandem_all_finite_f32(const float *restrict p, long count) {
     for (; i < count; i++) t += p[i] * 0.0f;
     return t == 0.0f;
 }
+
+TANDEM_CLONES
+void tandem_sum_sources_f32(float *dst, const float *const *src, long nsrc, long count) {
+    long i = 0;
+    for (; i + 8 <= count; i += 8) {
+        f8 acc = load_f8(src[0] + i);
+        for (long q = 1; q < nsrc; q++) acc += load_f8(src[q] + i);
+        __builtin_memcpy(dst + i, &acc, sizeof acc);
+    }
+    for (; i < count; i++) {
+        float t = src[0][i];
+        for (long q = 1; q < nsrc; q++) t += src[q][i];
+        dst[i] = t;
+    }
+}

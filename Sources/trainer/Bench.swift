@@ -14,8 +14,9 @@ struct Bench: ParsableCommand {
     @Option(help: "Write the results as JSON to this file.") var json: String?
     @Flag(help: "Random images of the config's shape instead of the dataset.") var synthetic = false
     @Flag(name: .customLong("per-layer"), help: "Print forward and backward time and GFLOP/s per layer.") var perLayer = false
-    @Option(name: .customLong("gradient-sync"), help: "overlap (default: buckets allreduced by a sync thread while backward runs) or after (one allreduce after backward).") var gradientSync: String = "overlap"
+    @Option(name: .customLong("gradient-sync"), help: "overlap (default: each bucket of gradients allreduced while backward runs) or after (one allreduce after backward).") var gradientSync: String = "overlap"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
+    @Option(help: "How overlap's buckets travel: auto (shared memory when every rank is on one machine, else MPI) or mpi.") var transport: String = "auto"
     @Option(help: ArgumentHelp("Write a Chrome trace (Perfetto, chrome://tracing) of the timed steps: per layer forward and backward, allreduces, data, optimiser; FILE.rankN per rank under MPI.", valueName: "file"))
     var trace: String?
     @Option(help: ArgumentHelp("Add key=value to the JSON (repeatable; launch/scaling-benchmark labels its rows with it).", valueName: "key=value"))
@@ -24,6 +25,8 @@ struct Bench: ParsableCommand {
     mutating func validate() throws {
         if warmup < 0 || steps <= 0 { throw ValidationError("--warmup must be >= 0 and --steps positive") }
         if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
+        if GradientSync.Transport(rawValue: transport) == nil { throw ValidationError("--transport must be auto or mpi, got \(transport)") }
+        if bucketKB <= 0 { throw ValidationError("--bucket-kb must be positive, got \(bucketKB)") }
         for t in tag where !t.contains("=") { throw ValidationError("--tag must be key=value, got \(t)") }
     }
 
@@ -38,6 +41,7 @@ struct Bench: ParsableCommand {
             o.quiet = true
             o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
             o.bucketKB = bucketKB
+            o.transport = GradientSync.Transport(rawValue: transport)!
             o.ranksOnThisMachine = ranksOnThisMachine(comm)
             o.initWeights = common.initWeights
             let trainer = try Trainer(config: c, comm: comm, data: data, options: o)
@@ -58,6 +62,7 @@ struct Bench: ParsableCommand {
             try comm.barrier()
             let timing = StepTiming()
             let busy0 = trainer.sync.allreduceSeconds
+            let slowest0 = trainer.sync.slowestRankSeconds
             let t0 = Clock.now
             try runSteps(steps, timing)
             try comm.barrier()
@@ -65,6 +70,8 @@ struct Bench: ParsableCommand {
             // The allreduces themselves (overlap: on the sync thread, including waiting for the other ranks to release a bucket,
             // and the last bucket on the training thread).
             let allreduceMs = 1000 * (trainer.sync.allreduceSeconds - busy0) / Double(steps)
+            // Shared memory: the part of the wait before the slowest rank had posted its last bucket.
+            let slowestMs = 1000 * (trainer.sync.slowestRankSeconds - slowest0) / Double(steps)
             if let recorder, let trace { try recorder.write(to: trace, worldSize: comm.size) }
             var forward = 0.0
             for i in 0..<graph.nodes.count { forward += profile[2 * i] }
@@ -77,7 +84,7 @@ struct Bench: ParsableCommand {
             // Every rank's phases, gathered to all (rank 0 reports them): where the ranks differ, the
             // faster one waits for the slower one after backward.
             let names = ["data", "forward", "backward", "allreduce_wait", "optimizer"]
-            var mine = names.map { phases[$0]! } + [allreduceMs]
+            var mine = names.map { phases[$0]! } + [allreduceMs, slowestMs]
             var all = [Double](repeating: 0, count: mine.count * comm.size)
             try mine.withUnsafeMutableBytes { m in
                 try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: m.count, into: a.baseAddress!) }
@@ -91,12 +98,13 @@ struct Bench: ParsableCommand {
             if let trace { print("trace: " + (comm.size > 1 ? "\(trace).rank0 .. \(trace).rank\(comm.size - 1)" : trace)) }
             print(names.map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
             if trainer.sync.active {
-                print(String(format: "gradient sync (%@, %d bucket(s)): allreduces %.3f ms per step, %.3f ms of it waited for after backward",
-                             trainer.sync.mode.rawValue, trainer.sync.buckets.count, allreduceMs, phases["allreduce_wait"]!))
+                print(String(format: "gradient sync (%@ through %@, %d bucket(s)): allreduces %.3f ms per step, %.3f ms of it waited for after backward",
+                             trainer.sync.mode.rawValue, trainer.sync.transportName, trainer.sync.buckets.count, allreduceMs, phases["allreduce_wait"]!)
+                      + (trainer.sync.transportName == "shared memory" ? String(format: " (%.3f ms of that for the slowest rank's backward)", slowestMs) : ""))
             }
             if comm.size > 1 {
                 print("per rank (ms per step): " + perRank.enumerated().map { r, v in
-                    String(format: "rank %d forward %.3f backward %.3f wait %.3f", r, v[1], v[2], v[3]) }.joined(separator: "; "))
+                    String(format: "rank %d forward %.3f backward %.3f wait %.3f (slowest rank %.3f)", r, v[1], v[2], v[3], v[6]) }.joined(separator: "; "))
             }
             if perLayer {
                 let local = Double(c.batchSize / comm.size) / Double(trainer.threads)
@@ -119,12 +127,13 @@ struct Bench: ParsableCommand {
                     "config": c.source, "images_per_second": images / elapsed, "world_size": comm.size, "threads": trainer.threads,
                     "batch_size": c.batchSize, "steps": steps, "warmup": warmup, "phases_ms": phases,
                     "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": trainer.sync.mode.rawValue, "bucket_kb": bucketKB,
+                    "transport": trainer.sync.transportName, "wait_for_slowest_rank_ms": slowestMs,
                     "allreduce_ms": allreduceMs, "buckets": trainer.sync.buckets.count,
                     "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,
                     "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,
                     "tags": tagDictionary(tag),
                     "ranks": perRank.enumerated().map { r, v in
-                        ["rank": r, "phases_ms": Dictionary(uniqueKeysWithValues: zip(names, v)), "allreduce_ms": v[5]] as [String: Any] },
+                        ["rank": r, "phases_ms": Dictionary(uniqueKeysWithValues: zip(names, v)), "allreduce_ms": v[5], "wait_for_slowest_rank_ms": v[6]] as [String: Any] },
                 ]
                 let d = try JSONSerialization.data(withJSONObject: result, options: [.prettyPrinted, .sortedKeys])
                 try writeAtomically(d, to: json)

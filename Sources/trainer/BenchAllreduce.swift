@@ -1,7 +1,8 @@
 // trainer bench-allreduce: what the gradient allreduce costs on this machine, next to what memory
 // bandwidth allows. Runs under mpirun (`launch/mpirun -np 2 bench-allreduce`).
 //
-// Per size (4 KiB .. 16 MiB, doubling): a correctness check (rank r contributes r + 1, expects
+// Per size (4 KiB .. 16 MiB, doubling), MPI_Allreduce and then, when every rank is on one machine,
+// the gradient sync's shared-memory allreduce (SharedMemoryReduce, one bucket): a correctness check (rank r contributes r + 1, expects
 // p(p+1)/2), warm-up calls, then single calls, each after a barrier, timed as the slowest rank's
 // time (MPI_Allreduce completes on all ranks only when the last has its result); the median is
 // reported. Bandwidths as in nccl-tests (PERFORMANCE.md there): algorithm bandwidth N / t, and bus
@@ -55,7 +56,7 @@ struct BenchAllreduce: ParsableCommand {
             let local = ranksOnThisMachine(comm)
             if comm.rank == 0 {
                 print("allreduce (in place, float sum) over \(p) rank(s), \(local) on this machine's \(cores) core(s)\(local > cores ? " (oversubscribed)" : ""); memcpy \(String(format: "%.2f", memcpyGBps[0])) GB/s (one rank, 64 MiB)")
-                print("     bytes   calls   median us      min us   algbw GB/s   busbw GB/s   ring bound us   bound/median  check")
+                print("     bytes   calls   median us      min us   algbw GB/s   busbw GB/s   ring bound us   bound/median  check   shared memory: median us  busbw GB/s  check")
             }
             var rows: [[String: Any]] = []
             var bytes = minKB * 1024
@@ -93,13 +94,37 @@ struct BenchAllreduce: ParsableCommand {
                 let median = slowest[slowest.count / 2], fastest = slowest[0]
                 let algbw = Double(bytes) / median / 1e9
                 let bound = busFactor * Double(bytes) / bw
+                var row: [String: Any] = ["bytes": bytes, "floats": count, "calls": times.count, "median_us": median * 1e6, "min_us": fastest * 1e6,
+                                          "algbw_gbps": algbw, "busbw_gbps": algbw * busFactor, "ring_bound_us": bound * 1e6,
+                                          "bound_fraction": bound / median, "check": ok[0] == 0]
+                // The same size through the gradient sync's shared-memory allreduce (ranks on one machine).
+                var shared = ""
+                if p > 1, let engine = try SharedMemoryReduce.single(comm: comm, buffer: UnsafeMutableBufferPointer(start: buffer, count: count)) {
+                    buffer.update(repeating: Float(comm.rank + 1), count: count)
+                    engine.allreduce()
+                    var bad: [Int64] = [(0..<count).allSatisfy { buffer[$0] == expect } ? 0 : 1]
+                    try comm.allreduceSum(&bad, count: 1)
+                    buffer.update(repeating: 0, count: count)
+                    for _ in 0..<3 { engine.allreduce() }
+                    for i in times.indices {
+                        try comm.barrier()
+                        let t0 = Clock.now
+                        engine.allreduce()
+                        times[i] = Clock.now - t0
+                    }
+                    try times.withUnsafeBytes { src in
+                        try all.withUnsafeMutableBytes { dst in try comm.allgather(src.baseAddress!, bytes: src.count, into: dst.baseAddress!) }
+                    }
+                    let sharedMedian = (0..<times.count).map { i in (0..<p).map { all[$0 * times.count + i] }.max()! }.sorted()[times.count / 2]
+                    let sharedBus = Double(bytes) / sharedMedian / 1e9 * busFactor
+                    shared = String(format: "   %24.1f %11.3f  %@", sharedMedian * 1e6, sharedBus, bad[0] == 0 ? "ok" : "FAIL")
+                    row["shared_memory"] = ["median_us": sharedMedian * 1e6, "busbw_gbps": sharedBus, "check": bad[0] == 0] as [String: Any]
+                }
                 if comm.rank == 0 {
                     print(String(format: "%10d %7d %11.1f %11.1f %12.3f %12.3f %15.1f %14.2f  %@", bytes, times.count, median * 1e6, fastest * 1e6,
-                                 algbw, algbw * busFactor, bound * 1e6, bound / median, ok[0] == 0 ? "ok" : "FAIL"))
+                                 algbw, algbw * busFactor, bound * 1e6, bound / median, ok[0] == 0 ? "ok" : "FAIL") + shared)
                 }
-                rows.append(["bytes": bytes, "floats": count, "calls": times.count, "median_us": median * 1e6, "min_us": fastest * 1e6,
-                             "algbw_gbps": algbw, "busbw_gbps": algbw * busFactor, "ring_bound_us": bound * 1e6,
-                             "bound_fraction": bound / median, "check": ok[0] == 0])
+                rows.append(row)
                 bytes *= 2
             }
             if comm.rank == 0, let json {

@@ -121,9 +121,10 @@ struct Train: ParsableCommand {
     @Option(name: .customLong("summary-json"), help: "Also write summary.json to this file.") var summaryJSON: String?
     @Option(help: ArgumentHelp("Write a Chrome trace (Perfetto, chrome://tracing) of the run at its end: per layer forward and backward, allreduces, data, optimiser, evaluations; FILE.rankN per rank under MPI. Large for long runs: combine with --max-steps.", valueName: "file"))
     var trace: String?
-    @Option(name: .customLong("gradient-sync"), help: "overlap (default): a sync thread allreduces buckets while backward runs; after: one allreduce after backward.")
+    @Option(name: .customLong("gradient-sync"), help: "overlap (default): each bucket of gradients allreduced while backward runs; after: one allreduce after backward.")
     var gradientSync: String = "overlap"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
+    @Option(help: "How overlap's buckets travel: auto (shared memory when every rank is on one machine, else MPI) or mpi.") var transport: String = "auto"
     @Flag(help: "Print only errors and the final line.") var quiet = false
 
     func run() throws {
@@ -146,6 +147,7 @@ struct Train: ParsableCommand {
             o.quiet = quiet
             o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
             o.bucketKB = bucketKB
+            o.transport = GradientSync.Transport(rawValue: transport)!
             o.ranksOnThisMachine = ranksOnThisMachine(world)
             o.resume = resume
             o.initWeights = common.initWeights
@@ -161,6 +163,7 @@ struct Train: ParsableCommand {
         if let lr, !(lr > 0) { throw ValidationError("--lr must be positive, got \(lr)") }
         if let maxSteps, maxSteps <= 0 { throw ValidationError("--max-steps must be positive, got \(maxSteps)") }
         if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
+        if GradientSync.Transport(rawValue: transport) == nil { throw ValidationError("--transport must be auto or mpi, got \(transport)") }
         if bucketKB <= 0 { throw ValidationError("--bucket-kb must be positive, got \(bucketKB)") }
         if let resume, resume.isEmpty { throw ValidationError("--resume needs a checkpoint file, a folder or auto") }
     }

@@ -51,6 +51,54 @@ func relativeDifference(_ a: [Float], _ b: [Float]) -> Double {
         #expect(relativeDifference(one.parameters, many.parameters) < 1e-4)
     }
 
+    // The shared-memory allreduce sums each slice in rank order 0, 1, 2, ..., as ThreadCommunicator
+    // does: the same steps bit for bit as the communicator's allreduce (3 ranks: uneven slices).
+    @Test(arguments: [2, 3, 4])
+    func sharedMemoryMatchesTheCommunicatorBitForBit(ranks: Int) throws {
+        var c = try config(lenetYAML)
+        c.batchSize = 48
+        nonisolated(unsafe) var used = ""
+        let shared = try trainInProcess(c, ranks: ranks, steps: 5, transport: .auto, transportUsed: { used = $0 }, data: syntheticData)
+        #expect(used == "shared memory")
+        let viaComm = try trainInProcess(c, ranks: ranks, steps: 5, transport: .mpi, transportUsed: { used = $0 }, data: syntheticData)
+        #expect(used == "MPI")
+        #expect(shared.losses == viaComm.losses)
+        #expect(shared.parameters == viaComm.parameters)
+    }
+
+    @Test func sharedMemoryAllreduceSumsEveryElementStepAfterStep() throws {
+        // Odd sizes (slices not multiples of 16), ranks contributing different values, ten calls in
+        // a row (step numbers, slots reused), rank 2 slower than the others.
+        try ThreadCommunicator.run(size: 3) { comm in
+            for count in [1, 17, 1000, 40_003] {
+                let buffer = UnsafeMutableBufferPointer<Float>.allocate(capacity: count)
+                defer { buffer.deallocate() }
+                let engine = try #require(try SharedMemoryReduce.single(comm: comm, buffer: buffer))
+                for call in 0..<10 {
+                    for i in 0..<count { buffer[i] = Float((comm.rank + 1) * (call + 1)) + Float(i % 7) }
+                    if comm.rank == 2 && call % 3 == 0 { usleep(2000) }
+                    engine.allreduce()
+                    let bad = (0..<count).first { buffer[$0] != Float(6 * (call + 1)) + 3 * Float($0 % 7) }
+                    #expect(bad == nil, "count \(count), call \(call), rank \(comm.rank): element \(bad ?? -1) is \(bad.map { buffer[$0] } ?? 0)")
+                }
+            }
+        }
+    }
+
+    @Test func ranksWithDifferentSyncOptionsAreRefused() throws {
+        let c = try config(lenetYAML)
+        #expect {
+            try ThreadCommunicator.run(size: 2) { comm in
+                var o = RunOptions()
+                o.quiet = true
+                o.bucketKB = comm.rank == 0 ? 16 : 32
+                _ = try Trainer(config: c, comm: comm, data: try syntheticData(), options: o)
+            }
+        } throws: { error in
+            "\(error)".contains("gradient sync: ranks were started with different options: rank 1 has --gradient-sync overlap --bucket-kb 32 --transport auto, rank 0 --gradient-sync overlap --bucket-kb 16")
+        }
+    }
+
     @Test func syncBatchNormMatchesOneProcess() throws {
         var c = try config(lenetYAML.replacingOccurrences(of: "    - {name: relu1, type: relu}", with: "    - {name: bn1, type: batchnorm}\n    - {name: relu1, type: relu}"))
         c.parallel.syncBN = true

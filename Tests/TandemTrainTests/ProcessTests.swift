@@ -94,15 +94,19 @@ struct MPITests {
     }
 
     @Test func overlapAndAfterGiveTheSameSteps() throws {
-        // Buckets allreduced by the sync thread while backward runs, or the whole buffer after it:
-        // with 2 ranks each element is a + b either way, so the runs are bit-identical.
+        // Buckets summed through shared memory or allreduced by the sync thread while backward runs,
+        // or the whole buffer after it: with 2 ranks each element is a + b every way, so the runs are
+        // bit-identical.
         let cfg = try smallConfig()
-        let after = temporaryFolder(), overlap = temporaryFolder()
+        let after = temporaryFolder(), shared = temporaryFolder(), overMPI = temporaryFolder()
         let a = try mpirun(2, ["--config", cfg, "--out", after, "--quiet", "--gradient-sync", "after"])
-        let b = try mpirun(2, ["--config", cfg, "--out", overlap, "--quiet", "--gradient-sync", "overlap", "--bucket-kb", "16"])
-        #expect(a.status == 0 && b.status == 0, "\(a.error)\(b.error)")
-        #expect(try stepLosses(after) == stepLosses(overlap))
-        #expect(try summary(after)["param_norm"] as! Double == summary(overlap)["param_norm"] as! Double)
+        let b = try mpirun(2, ["--config", cfg, "--out", shared, "--quiet", "--gradient-sync", "overlap", "--bucket-kb", "16"])
+        let c = try mpirun(2, ["--config", cfg, "--out", overMPI, "--quiet", "--gradient-sync", "overlap", "--bucket-kb", "16", "--transport", "mpi"])
+        #expect(a.status == 0 && b.status == 0 && c.status == 0, "\(a.error)\(b.error)\(c.error)")
+        #expect(try stepLosses(after) == stepLosses(shared))
+        #expect(try stepLosses(after) == stepLosses(overMPI))
+        #expect(try summary(after)["param_norm"] as! Double == summary(shared)["param_norm"] as! Double)
+        #expect(try summary(after)["param_norm"] as! Double == summary(overMPI)["param_norm"] as! Double)
     }
 
     @Test func benchUnderMPIWritesTheJobAndEveryRank() throws {
@@ -110,6 +114,7 @@ struct MPITests {
         let r = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--batch-size", "32", "--warmup", "1", "--steps", "3", "--json", json])
         #expect(r.status == 0, "\(r.error)")
         #expect(r.output.contains("per rank (ms per step): rank 0 forward"), "\(r.output)")
+        #expect(r.output.contains("gradient sync (overlap through shared memory"), "\(r.output)")
         let o = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any])
         #expect(o["world_size"] as? Int == 2 && o["threads"] as? Int == 1 && o["batch_size"] as? Int == 32)
         #expect((o["images_per_second"] as? Double ?? 0) > 0)
@@ -124,6 +129,7 @@ struct MPITests {
         }
         // Rank 0's own phases are the job's.
         #expect(ranks[0]["phases_ms"] as? [String: Double] == job)
+        #expect(o["transport"] as? String == "shared memory" && o["wait_for_slowest_rank_ms"] is Double)
     }
 
     @Test func worldSizeThatDoesNotFitEndsEveryRankWithOneLine() throws {

@@ -27,16 +27,20 @@ func expectError(_ fragments: [String], _ body: () throws -> Void) -> String? {
 
 /// Runs `steps` training steps of `cfg` on `ranks` in-process ranks (threads) and returns rank 0's
 /// per-step losses and final parameters.
-func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, data: @escaping @Sendable () throws -> DataPipeline) throws -> (losses: [Double], parameters: [Float]) {
+func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, transport: GradientSync.Transport = .auto, transportUsed: ((String) -> Void)? = nil,
+                    data: @escaping @Sendable () throws -> DataPipeline) throws -> (losses: [Double], parameters: [Float]) {
     final class Box: @unchecked Sendable { var losses: [Double] = []; var params: [Float] = [] }
     let box = Box()
+    nonisolated(unsafe) let transportUsed = transportUsed
     try ThreadCommunicator.run(size: ranks) { comm in
         var o = RunOptions()
         o.quiet = true
         o.bucketKB = 16
+        o.transport = transport
         var c = cfg
         c.parallel.threads = 1
         let t = try Trainer(config: c, comm: comm, data: try data(), options: o)
+        if comm.rank == 0 { transportUsed?(t.sync.transportName) }
         t.data.shuffle(epoch: 0, seed: c.seed)
         var losses: [Double] = []
         for s in 0..<steps {

@@ -11,11 +11,12 @@ import TandemCore
     @Test func traceHasEveryLayerAndTheAllreduce() throws {
         final class Box: @unchecked Sendable { var json = ""; var layers: [String] = []; var buckets = 0 }
         let box = Box()
-        for mode in [GradientSync.Mode.after, .overlap] {
+        for (mode, transport) in [(GradientSync.Mode.after, GradientSync.Transport.auto), (.overlap, .mpi), (.overlap, .auto)] {
             try ThreadCommunicator.run(size: 2) { comm in
                 var o = RunOptions()
                 o.quiet = true
                 o.gradientMode = mode
+                o.transport = transport
                 o.bucketKB = 16
                 var c = try config(lenetYAML)
                 c.parallel.threads = 1
@@ -41,9 +42,15 @@ import TandemCore
                 #expect(count("\(layer) backward") == 2, "\(mode): \(layer) backward")
             }
             for name in ["step", "data", "optimizer", "allreduce wait"] { #expect(count(name) == 2, "\(mode): \(name)") }
-            // On the communication track, but for overlap's last bucket, which the training thread's track holds.
+            // On the communication track, but for overlap's last bucket over MPI, which the training
+            // thread's track holds; through shared memory bucket i on track 1 + i.
             let allreduces = complete.filter { $0["cat"] as? String == "allreduce" && $0["name"] as? String != "allreduce wait" }
-            #expect(allreduces.filter { $0["tid"] as? Int == 1 }.count == 2 * (mode == .after ? 1 : box.buckets - 1), "\(mode)")
+            if mode == .overlap && transport == .auto {
+                for i in 0..<box.buckets { #expect(allreduces.filter { $0["tid"] as? Int == 1 + i }.count == 2, "bucket \(i)") }
+                #expect(events.contains { $0["ph"] as? String == "M" && $0["tid"] as? Int == 2 && ($0["args"] as? [String: Any])?["name"] as? String == "gradient bucket 1 in flight" })
+            } else {
+                #expect(allreduces.filter { $0["tid"] as? Int == 1 }.count == 2 * (mode == .after ? 1 : box.buckets - 1), "\(mode)")
+            }
             #expect(allreduces.count == 2 * box.buckets, "\(mode): one event per bucket per step")
             #expect(mode == .after ? box.buckets == 1 : box.buckets > 1)
             #expect(events.contains { $0["ph"] as? String == "M" && ($0["args"] as? [String: Any])?["name"] as? String == "rank 1" })

@@ -96,4 +96,20 @@ void tandem_maxpool_backward_f32(float *dx, const float *dy, const int32_t *argm
 /// 1 when every p[i] is finite (no NaN, no Inf), else 0. Branch-free: x * 0 is NaN exactly when x is.
 int tandem_all_finite_f32(const float *p, long count);
 
+/// dst[i] = src[0][i] + src[1][i] + ... + src[nsrc-1][i], added in that order (so every rank that
+/// sums the same sources gets the same bits); dst may be one of the sources.
+void tandem_sum_sources_f32(float *dst, const float *const *src, long nsrc, long count);
+
+// Flags in memory shared between processes (the shared-memory gradient allreduce): 64-bit loads
+// with acquire and stores with release ordering, and the spin-wait hint.
+static inline uint64_t tandem_load_acquire_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void tandem_store_release_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void tandem_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 #endif

@@ -19,6 +19,12 @@
 // while a bucket is in flight (LeNet-5's 236 KB bucket: 1.7 ms from start to end -> 0.2-0.8 ms), does
 // the last bucket's allreduce itself (no hand-off and wake-up at the end of every step), and cuts
 // the sync thread's nap short when it starts waiting.
+//
+// Session 5: when every rank of the replica group is on one machine (`transport` auto), the buckets
+// go through shared memory instead (SharedMemoryReduce): the training thread posts each bucket as
+// backward finishes it, sums its slice of each bucket once every rank has posted it, between
+// backward layers, and copies the sums out; no MPI call, no sync thread. Across machines, or with
+// `transport` mpi, the MPI path above.
 import Foundation
 import Synchronization
 import TandemComm
@@ -32,6 +38,13 @@ public final class GradientSync: GradientObserver {
         /// One blocking allreduce of the whole buffer after backward.
         case after
     }
+    /// How overlap's buckets travel.
+    public enum Transport: String, Sendable, CaseIterable {
+        /// Shared memory when every rank of the group is on one machine, else MPI.
+        case auto
+        /// MPI always (a sync thread's non-blocking allreduces).
+        case mpi
+    }
     let comm: Communicator
     let gradients: UnsafeMutableBufferPointer<Float>
     public let mode: Mode
@@ -40,6 +53,13 @@ public final class GradientSync: GradientObserver {
     /// Why overlap was asked for and not used (MPI without MPI_THREAD_MULTIPLE), for rank 0 to say.
     public private(set) var note: String?
     private let worker: SyncWorker?
+    /// The shared-memory allreduce (overlap on one machine), or nil.
+    private let shared: SharedMemoryReduce?
+    /// "shared memory" or "MPI": how the buckets travel (for bench's report).
+    public var transportName: String { shared != nil ? "shared memory" : "MPI" }
+    /// Seconds of `finish` spent before the slowest rank had released its last bucket (shared
+    /// memory only): the ranks' compute difference, not the allreduce.
+    public private(set) var slowestRankSeconds = 0.0
     /// Buckets handed to the sync thread this step.
     private var released = 0
     /// Seconds spent in `finish` (the allreduce wait on the critical path, with overlap including the
@@ -47,7 +67,9 @@ public final class GradientSync: GradientObserver {
     public private(set) var waitSeconds = 0.0
     /// Seconds the allreduces themselves took (overlap: on the sync thread, and the last bucket on the
     /// training thread), summed over buckets.
-    public var allreduceSeconds: Double { (worker?.busySeconds ?? 0) + afterSeconds }
+    public var allreduceSeconds: Double { (worker?.busySeconds ?? 0) + afterSeconds + sharedSeconds }
+    /// Shared memory: each bucket from its release to its sums copied out, summed over buckets.
+    private var sharedSeconds = 0.0
     /// The training thread's own allreduces: the whole buffer (after), the last bucket (overlap).
     private var afterSeconds = 0.0
     /// `--trace`: each bucket's allreduce from start to completion, and the wait in `finish`.
@@ -55,15 +77,10 @@ public final class GradientSync: GradientObserver {
 
     /// - Parameter bucketBytes: the smallest bucket; buckets end on parameter-tensor boundaries.
     /// Every rank of `comm` must create its GradientSync at the same point (overlap splits `comm`).
-    public init(comm: Communicator, graph: Graph, gradients: UnsafeMutableBufferPointer<Float>, mode: Mode, bucketBytes: Int) throws {
+    public init(comm: Communicator, graph: Graph, gradients: UnsafeMutableBufferPointer<Float>, mode: Mode, bucketBytes: Int, transport: Transport = .auto) throws {
         self.comm = comm
         self.gradients = gradients
-        var mode = mode
-        if mode == .overlap && comm.size > 1 && !comm.allowsConcurrentCommunicators {
-            note = "gradient sync: MPI was not initialised with MPI_THREAD_MULTIPLE, so buckets are allreduced after backward"
-            mode = .after
-        }
-        self.mode = mode
+        if comm.size > 1 { try Self.checkSameOptions(comm: comm, mode: mode, bucketBytes: bucketBytes, transport: transport) }
         var cuts: [Range<Int>] = []
         var end = graph.parameterCount
         let minCount = max(1, bucketBytes / MemoryLayout<Float>.stride)
@@ -72,8 +89,23 @@ public final class GradientSync: GradientObserver {
             end = info.offset
         }
         if end > 0 { cuts.append(0..<end) }
+        var mode = mode
+        var shared: SharedMemoryReduce?
+        if mode == .overlap && comm.size > 1 && transport == .auto {
+            switch try SharedMemoryReduce.make(comm: comm, gradients: gradients, buckets: cuts) {
+            case .success(let engine): shared = engine
+            case .failure(.otherMachines): break
+            case .failure(let reason): note = "gradient sync: \(reason), so buckets go through MPI"
+            }
+        }
+        self.shared = shared
+        if shared == nil && mode == .overlap && comm.size > 1 && !comm.allowsConcurrentCommunicators {
+            note = "gradient sync: MPI was not initialised with MPI_THREAD_MULTIPLE, so buckets are allreduced after backward"
+            mode = .after
+        }
+        self.mode = mode
         buckets = mode == .after ? [0..<graph.parameterCount] : cuts
-        if mode == .overlap && comm.size > 1 && buckets.count > 1 {
+        if shared == nil && mode == .overlap && comm.size > 1 && buckets.count > 1 {
             // Its own communicator, so that its allreduces never interleave with the training
             // thread's collectives on `comm` (loss sums, sync BN, checkpoints). The last bucket,
             // which backward finishes as it ends, is the training thread's own (see `finish`).
@@ -85,10 +117,30 @@ public final class GradientSync: GradientObserver {
 
     deinit { worker?.stop() }
 
+    /// Ranks started with different sync options would hang at the first bucket (or at the split of
+    /// the communicator): every rank compares its options with rank 0's and stops with one line.
+    private static func checkSameOptions(comm: Communicator, mode: Mode, bucketBytes: Int, transport: Transport) throws {
+        var mine: [Int64] = [mode == .overlap ? 0 : 1, Int64(bucketBytes), transport == .auto ? 0 : 1]
+        var all = [Int64](repeating: 0, count: 3 * comm.size)
+        try mine.withUnsafeMutableBytes { m in try all.withUnsafeMutableBytes { try comm.allgather(m.baseAddress!, bytes: 24, into: $0.baseAddress!) } }
+        guard let r = (1..<comm.size).first(where: { all[(3 * $0)..<(3 * $0 + 3)] != all[0..<3] }) else { return }
+        func describe(_ q: Int) -> String {
+            "--gradient-sync \(all[3 * q] == 0 ? "overlap" : "after") --bucket-kb \(all[3 * q + 1] / 1024) --transport \(all[3 * q + 2] == 0 ? "auto" : "mpi")"
+        }
+        throw CommError("gradient sync: ranks were started with different options: rank \(r) has \(describe(r)), rank 0 \(describe(0)); every rank needs the same")
+    }
+
     public var active: Bool { comm.size > 1 }
 
     /// Called by backward: every gradient at offset >= `offset` is final.
     public func gradientsReady(from offset: Int) {
+        if let shared {
+            while released < buckets.count && buckets[released].lowerBound >= offset {
+                shared.release(released)
+                released += 1
+            }
+            return
+        }
         guard let worker else { return }
         while released < buckets.count - 1 && buckets[released].lowerBound >= offset {
             worker.release()
@@ -99,6 +151,7 @@ public final class GradientSync: GradientObserver {
     /// Called by backward after each layer: while the sync thread has a bucket in flight, runs
     /// MPI's progress engine once from the training thread (see `SyncWorker.inFlight`).
     public func layerBackwardDone() {
+        if let shared { shared.progress(); return }
         if let worker, worker.inFlight.load(ordering: .relaxed) { comm.progress() }
     }
 
@@ -110,6 +163,18 @@ public final class GradientSync: GradientObserver {
             let end = Clock.now
             waitSeconds += end - start
             if let trace { trace.record(trace.waitName, start: start, end: end) }
+        }
+        if let shared {
+            shared.finish()
+            released = 0
+            var lastReleased = start
+            for i in buckets.indices {
+                sharedSeconds += shared.ended[i] - shared.started[i]
+                lastReleased = max(lastReleased, shared.allReleased[i])
+                trace?.bucket(i, start: shared.started[i], end: shared.ended[i], tid: Int32(1 + i))
+            }
+            slowestRankSeconds += lastReleased - start
+            return
         }
         guard let worker else {
             try comm.allreduceSum(gradients.baseAddress!, count: gradients.count)

@@ -16,6 +16,8 @@ public struct RunOptions: Sendable {
     /// `overlap` by default: buckets allreduced by a sync thread while backward runs (see GradientSync and the README).
     public var gradientMode: GradientSync.Mode = .overlap
     public var bucketKB = 64
+    /// How overlap's buckets travel: shared memory on one machine (auto) or MPI always.
+    public var transport: GradientSync.Transport = .auto
     /// Cores on this machine and the ranks sharing it (for threads: auto).
     public var cores = ProcessInfo.processInfo.activeProcessorCount
     public var ranksOnThisMachine = 1
@@ -113,7 +115,7 @@ public final class Trainer {
         net = Network(graph: graph, capacity: config.batchSize / replicas, parts: threads, loss: config.loss, exchange: exchange)
         net.seed = config.seed
         sgd = SGD(graph: graph, settings: config.sgd)
-        sync = try GradientSync(comm: replicaComm, graph: graph, gradients: net.gradients, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024)
+        sync = try GradientSync(comm: replicaComm, graph: graph, gradients: net.gradients, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport)
         if let note = sync.note, comm.rank == 0 { fputs("tandem: \(note)\n", stderr) }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {

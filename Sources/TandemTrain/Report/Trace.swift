@@ -82,7 +82,8 @@ public final class TraceRecorder: LayerTimer {
 
     /// A gradient bucket's allreduce, from its start to its completion: on the communication track
     /// (1) when the sync thread or one whole-buffer call ran it, on the training track (0) for the
-    /// last bucket that the training thread allreduces itself (inside its wait, so slices nest).
+    /// last bucket that the training thread allreduces itself (inside its wait, so slices nest);
+    /// shared memory's bucket i on track 1 + i (its buckets are in flight at once).
     func bucket(_ i: Int, start: Double, end: Double, tid: Int32 = 1) {
         record(bucketBase + Int32(i), tid: tid, start: start, end: end)
     }
@@ -98,6 +99,13 @@ public final class TraceRecorder: LayerTimer {
         s += "{\"name\":\"process_sort_index\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":0,\"args\":{\"sort_index\":\(rank)}},\n"
         s += "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":0,\"args\":{\"name\":\"training (part 0)\"}},\n"
         s += "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":1,\"args\":{\"name\":\"gradient allreduce in flight\"}}"
+        // Shared memory's buckets, in flight at once, each on a track of its own (tid 1 + bucket).
+        let tracks = (0..<count).reduce(Int32(1)) { max($0, events[$1].tid) }
+        if tracks > 1 {
+            for t in 2...tracks {
+                s += ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":\(t),\"args\":{\"name\":\"gradient bucket \(t - 1) in flight\"}}"
+            }
+        }
         if dropped > 0 {
             s += ",\n{\"name\":\"trace full: \(dropped) later events dropped\",\"ph\":\"i\",\"s\":\"p\",\"pid\":\(pid),\"tid\":0,\"ts\":\(count > 0 ? String(format: "%.3f", events[count - 1].end * 1e6) : "0")}"
         }
