@@ -63,6 +63,7 @@ struct Bench: ParsableCommand {
             let timing = StepTiming()
             let busy0 = trainer.sync.allreduceSeconds
             let slowest0 = trainer.sync.slowestRankSeconds
+            let gradientWait0 = trainer.sync.waitSeconds
             let t0 = Clock.now
             try runSteps(steps, timing)
             try comm.barrier()
@@ -72,6 +73,8 @@ struct Bench: ParsableCommand {
             let allreduceMs = 1000 * (trainer.sync.allreduceSeconds - busy0) / Double(steps)
             // Shared memory: the part of the wait before the slowest rank had posted its last bucket.
             let slowestMs = 1000 * (trainer.sync.slowestRankSeconds - slowest0) / Double(steps)
+            // The gradients' part of allreduce_wait (the rest is the loss sum).
+            let gradientWaitMs = 1000 * (trainer.sync.waitSeconds - gradientWait0) / Double(steps)
             if let recorder, let trace { try recorder.write(to: trace, worldSize: comm.size) }
             var forward = 0.0
             for i in 0..<graph.nodes.count { forward += profile[2 * i] }
@@ -84,7 +87,7 @@ struct Bench: ParsableCommand {
             // Every rank's phases, gathered to all (rank 0 reports them): where the ranks differ, the
             // faster one waits for the slower one after backward.
             let names = ["data", "forward", "backward", "allreduce_wait", "optimizer"]
-            var mine = names.map { phases[$0]! } + [allreduceMs, slowestMs]
+            var mine = names.map { phases[$0]! } + [allreduceMs, slowestMs, gradientWaitMs]
             var all = [Double](repeating: 0, count: mine.count * comm.size)
             try mine.withUnsafeMutableBytes { m in
                 try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: m.count, into: a.baseAddress!) }
@@ -100,11 +103,11 @@ struct Bench: ParsableCommand {
             if trainer.sync.active {
                 print(String(format: "gradient sync (%@ through %@, %d bucket(s)): allreduces %.3f ms per step, %.3f ms of it waited for after backward",
                              trainer.sync.mode.rawValue, trainer.sync.transportName, trainer.sync.buckets.count, allreduceMs, phases["allreduce_wait"]!)
-                      + (trainer.sync.transportName == "shared memory" ? String(format: " (%.3f ms of that for the slowest rank's backward)", slowestMs) : ""))
+                      + (trainer.sync.transportName == "shared memory" ? String(format: " (gradients %.3f ms, %.3f ms of that for the slowest rank's backward; the loss sum the rest)", gradientWaitMs, slowestMs) : ""))
             }
             if comm.size > 1 {
                 print("per rank (ms per step): " + perRank.enumerated().map { r, v in
-                    String(format: "rank %d forward %.3f backward %.3f wait %.3f (slowest rank %.3f)", r, v[1], v[2], v[3], v[6]) }.joined(separator: "; "))
+                    String(format: "rank %d forward %.3f backward %.3f wait %.3f (gradients %.3f, slowest rank %.3f)", r, v[1], v[2], v[3], v[7], v[6]) }.joined(separator: "; "))
             }
             if perLayer {
                 let local = Double(c.batchSize / comm.size) / Double(trainer.threads)
@@ -127,13 +130,13 @@ struct Bench: ParsableCommand {
                     "config": c.source, "images_per_second": images / elapsed, "world_size": comm.size, "threads": trainer.threads,
                     "batch_size": c.batchSize, "steps": steps, "warmup": warmup, "phases_ms": phases,
                     "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": trainer.sync.mode.rawValue, "bucket_kb": bucketKB,
-                    "transport": trainer.sync.transportName, "wait_for_slowest_rank_ms": slowestMs,
+                    "transport": trainer.sync.transportName, "wait_for_slowest_rank_ms": slowestMs, "gradient_wait_ms": gradientWaitMs,
                     "allreduce_ms": allreduceMs, "buckets": trainer.sync.buckets.count,
                     "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,
                     "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,
                     "tags": tagDictionary(tag),
                     "ranks": perRank.enumerated().map { r, v in
-                        ["rank": r, "phases_ms": Dictionary(uniqueKeysWithValues: zip(names, v)), "allreduce_ms": v[5], "wait_for_slowest_rank_ms": v[6]] as [String: Any] },
+                        ["rank": r, "phases_ms": Dictionary(uniqueKeysWithValues: zip(names, v)), "allreduce_ms": v[5], "wait_for_slowest_rank_ms": v[6], "gradient_wait_ms": v[7]] as [String: Any] },
                 ]
                 let d = try JSONSerialization.data(withJSONObject: result, options: [.prettyPrinted, .sortedKeys])
                 try writeAtomically(d, to: json)
