@@ -68,7 +68,8 @@ public final class GradientSync: GradientObserver {
     /// Seconds the allreduces themselves took (overlap: on the sync thread, and the last bucket on the
     /// training thread), summed over buckets.
     public var allreduceSeconds: Double { (worker?.busySeconds ?? 0) + afterSeconds + sharedSeconds }
-    /// Shared memory: each bucket from its release to its sums copied out, summed over buckets.
+    /// Shared memory: each bucket from its release to its sums copied out, summed over buckets (which
+    /// are in flight at once, so this can exceed the step; the allreduce alone: `bench-allreduce`).
     private var sharedSeconds = 0.0
     /// The training thread's own allreduces: the whole buffer (after), the last bucket (overlap).
     private var afterSeconds = 0.0

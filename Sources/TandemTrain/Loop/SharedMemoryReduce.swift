@@ -25,6 +25,7 @@
 // 1 / global batch, so the sum is the average gradient.
 import CKernels
 import Foundation
+import Synchronization
 import TandemComm
 
 /// Memory every rank of a communicator maps: POSIX shared memory that rank 0 creates and unlinks
@@ -40,7 +41,8 @@ final class SharedSegment {
 
     deinit { munmap(base, bytes) }
 
-    nonisolated(unsafe) private static var made = 0
+    /// Segments made by this process (in the name, with the pid and a random number).
+    private static let made = Atomic<Int>(0)
 
     /// Maps `bytes` of zeroed memory on every rank of `comm`, or returns why not (the same on every
     /// rank): the ranks are on different machines, or the memory could not be had (a small
@@ -57,58 +59,80 @@ final class SharedSegment {
         for r in 1..<comm.size where hosts[(256 * r)..<(256 * r + 256)] != hosts[0..<256] {
             return .failure(.otherMachines)
         }
-        // Rank 0 creates it and sends its name (status byte, then the name).
-        var message = [UInt8](repeating: 0, count: 128)
+        #if canImport(Glibc)
+        // Rank 0 creates it and sends its size and name (status byte, 8 bytes of size, the name).
+        var message = [UInt8](repeating: 0, count: 136)
         var mapped: UnsafeMutableRawPointer?
         var failure = ""
+        // Until every rank has mapped it (or a collective failed), rank 0's name exists and this
+        // rank's mapping is its own to drop.
+        var created: String?
+        var kept = false
+        defer {
+            if let created { shm_unlink(created) }
+            if !kept, let mapped { munmap(mapped, bytes) }
+        }
         if comm.rank == 0 {
-            made += 1
-            let name = "/tandem-\(getpid())-\(made)-\(UInt32.random(in: 0...UInt32.max))"
+            let serial = made.add(1, ordering: .relaxed).newValue
+            let name = "/tandem-\(getpid())-\(serial)-\(UInt32.random(in: 0...UInt32.max))"
             let fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0o600)
             if fd < 0 {
                 failure = "shm_open \(name): \(String(cString: strerror(errno)))"
             } else {
+                created = name
                 let code = posix_fallocate(fd, 0, off_t(bytes))
                 if code != 0 {
                     failure = "reserving \(bytes) bytes in /dev/shm: \(String(cString: strerror(code)))"
                 } else {
                     mapped = map(fd, bytes)
-                    if mapped == nil { failure = "mmap: \(String(cString: strerror(errno)))" }
+                    if mapped == nil { failure = "mmap of \(bytes) bytes: \(String(cString: strerror(errno)))" }
                 }
                 close(fd)
-                if mapped == nil { shm_unlink(name) }
             }
             message[0] = mapped == nil ? 0 : 1
-            let utf8 = Array((mapped == nil ? failure : name).utf8.prefix(126))
-            message.replaceSubrange(1..<(1 + utf8.count), with: utf8)
+            withUnsafeBytes(of: Int64(bytes)) { message.replaceSubrange(1..<9, with: $0) }
+            let utf8 = Array((mapped == nil ? failure : created!).utf8.prefix(126))
+            message.replaceSubrange(9..<(9 + utf8.count), with: utf8)
         }
-        try message.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: 128, root: 0) }
-        let text = String(decoding: message[1...].prefix { $0 != 0 }, as: UTF8.self)
+        try message.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: 136, root: 0) }
+        let text = String(decoding: message[9...].prefix { $0 != 0 }, as: UTF8.self)
         guard message[0] == 1 else { return .failure(.noMemory(text)) }
         if comm.rank != 0 {
-            let fd = shm_open(text, O_RDWR, 0)
-            if fd >= 0 {
-                mapped = map(fd, bytes)
-                close(fd)
+            let rootBytes = message[1..<9].withUnsafeBytes { $0.loadUnaligned(as: Int64.self) }
+            if rootBytes != Int64(bytes) {
+                // Ranks with different models (the config check that follows names the difference).
+                failure = "rank \(comm.rank) needs \(bytes) bytes, rank 0 \(rootBytes)"
+            } else {
+                let fd = shm_open(text, O_RDWR, 0)
+                if fd < 0 {
+                    failure = "opening \(text): \(String(cString: strerror(errno)))"
+                } else {
+                    mapped = map(fd, bytes)
+                    if mapped == nil { failure = "mmap of \(text): \(String(cString: strerror(errno)))" }
+                    close(fd)
+                }
             }
-            if mapped == nil { failure = "opening \(text): \(String(cString: strerror(errno)))" }
         }
-        // Every rank tells whether it mapped it; then the name can go.
+        // Every rank tells whether it mapped it; then the name goes (the defer).
         var ok: Int64 = mapped == nil ? 0 : 1
         var all = [Int64](repeating: 0, count: comm.size)
         try withUnsafeBytes(of: &ok) { o in try all.withUnsafeMutableBytes { try comm.allgather(o.baseAddress!, bytes: 8, into: $0.baseAddress!) } }
-        if comm.rank == 0 { shm_unlink(text) }
         if let first = all.firstIndex(of: 0) {
-            if let mapped { munmap(mapped, bytes) }
             return .failure(.noMemory(comm.rank == first ? failure : "rank \(first) could not map it"))
         }
+        kept = true
         return .success(SharedSegment(base: mapped!, bytes: bytes))
+        #else
+        return .failure(.noMemory("POSIX shared memory is used on Linux only"))
+        #endif
     }
 
+    #if canImport(Glibc)
     private static func map(_ fd: Int32, _ bytes: Int) -> UnsafeMutableRawPointer? {
         let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         return p == MAP_FAILED ? nil : p
     }
+    #endif
 
     enum Reason: Error, CustomStringConvertible {
         case otherMachines
@@ -280,16 +304,21 @@ public final class SharedMemoryReduce {
     }
 }
 
-/// Waiting for another rank: spins (pause) for about 20 us, then yields the core on every turn, so
-/// that ranks sharing cores (more ranks than cores) leave the core to the rank being waited for.
+/// Waiting for another rank: spins (pause) for 20 us, then yields the core on every turn, and after
+/// 2 ms sleeps 50 us per turn, so that ranks sharing cores (more ranks than cores, where the
+/// scheduler honours a yield only weakly) leave the core to the rank being waited for.
 struct Backoff {
-    private var turns = 0
+    private var since = 0.0
     mutating func pause() {
-        turns += 1
-        if turns < 200 {
-            for _ in 0..<32 { tandem_cpu_relax() }
-        } else {
+        let now = Clock.now
+        if since == 0 { since = now }
+        let waited = now - since
+        if waited < 20e-6 {
+            for _ in 0..<16 { tandem_cpu_relax() }
+        } else if waited < 2e-3 {
             sched_yield()
+        } else {
+            usleep(50)
         }
     }
 }

@@ -98,9 +98,9 @@ public final class TraceRecorder: LayerTimer {
         s += "{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":0,\"args\":{\"name\":\"rank \(rank)\"}},\n"
         s += "{\"name\":\"process_sort_index\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":0,\"args\":{\"sort_index\":\(rank)}},\n"
         s += "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":0,\"args\":{\"name\":\"training (part 0)\"}},\n"
-        s += "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":1,\"args\":{\"name\":\"gradient allreduce in flight\"}}"
         // Shared memory's buckets, in flight at once, each on a track of its own (tid 1 + bucket).
         let tracks = (0..<count).reduce(Int32(1)) { max($0, events[$1].tid) }
+        s += "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":1,\"args\":{\"name\":\"\(tracks > 1 ? "gradient bucket 0 in flight" : "gradient allreduce in flight")\"}}"
         if tracks > 1 {
             for t in 2...tracks {
                 s += ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":\(t),\"args\":{\"name\":\"gradient bucket \(t - 1) in flight\"}}"
