@@ -125,6 +125,7 @@ struct Train: ParsableCommand {
     var gradientSync: String = "overlap"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
     @Option(help: "How overlap's buckets travel: auto (shared memory when every rank is on one machine, else MPI) or mpi.") var transport: String = "auto"
+    @Flag(help: "Size each replica's share of the batch to its measured speed (parallel.balance).") var balance = false
     @Flag(help: "Print only errors and the final line.") var quiet = false
 
     func run() throws {
@@ -137,6 +138,7 @@ struct Train: ParsableCommand {
                 if let epochs { c.epochs = epochs }
                 if let lr { c.lr = lr }
                 if let maxSteps { c.maxSteps = maxSteps }
+                if balance { c.parallel.balance = true }
                 let data = try DataPipeline(config: c.data)
                 _ = try Trainer.checkLayout(config: c, data: data, worldSize: world.size)
                 return (c, data)

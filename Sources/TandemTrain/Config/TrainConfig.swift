@@ -48,6 +48,9 @@ public struct ParallelConfig: Sendable, Equatable {
     public var towers: Int = 1
     /// A blocking collective that takes longer than this ends the job, naming it (0: off).
     public var collectiveTimeoutSeconds: Double = 300
+    /// Data parallel: each replica's share of the global batch follows its measured speed (faster
+    /// ranks take more samples, 0.5x to 1.5x the even share), so that no rank waits for a slower one.
+    public var balance: Bool = false
 }
 
 public struct TrainConfig: Sendable {
@@ -285,12 +288,13 @@ extension TrainConfig {
     }
 
     static func parseParallel(_ v: YAMLValue, into c: inout TrainConfig) throws {
-        let f = try v.fields(["threads", "sync_bn", "towers", "collective_timeout_seconds"])
+        let f = try v.fields(["threads", "sync_bn", "towers", "collective_timeout_seconds", "balance"])
         if let x = f["threads"] {
             if case let .scalar(s) = x.node, s.string == "auto" { c.parallel.threads = 0 } else { c.parallel.threads = try x.positiveInt() }
         }
         if let x = f["sync_bn"] { c.parallel.syncBN = try x.bool() }
         if let x = f["towers"] { c.parallel.towers = try x.positiveInt() }
+        if let x = f["balance"] { c.parallel.balance = try x.bool() }
         if let x = f["collective_timeout_seconds"] {
             let t = try x.double()
             guard t >= 0 && t.isFinite else { throw x.error("expected seconds >= 0 (0: off), got \(t)") }

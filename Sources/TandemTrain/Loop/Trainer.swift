@@ -81,8 +81,15 @@ public final class Trainer {
     public var towers: Int { towerComm?.size ?? 1 }
     public var tower: Int { towerComm?.rank ?? 0 }
     public var localBatch: Int { config.batchSize / replicas }
-    /// The per-step loss, correct count and four divergence-check slots, reduced over the replicas.
-    private let stepStatistics = UnsafeMutablePointer<Double>.allocate(capacity: 6)
+    /// The per-step loss, correct count and four divergence-check slots, reduced over the replicas;
+    /// with `parallel.balance`, then each replica's seconds per sample of this step.
+    private let stepStatistics: UnsafeMutablePointer<Double>
+    /// `parallel.balance`: each replica's seconds per sample (moving average), and the share cuts of a
+    /// full global batch that follow from them: replica r takes [cuts[r], cuts[r + 1]).
+    private let perSample: UnsafeMutablePointer<Double>
+    private let cuts: UnsafeMutablePointer<Int>
+    /// Whether shares follow the replicas' speeds (parallel.balance with more than one replica).
+    public let balancing: Bool
     var isRoot: Bool { comm.rank == 0 }
     /// The checkpoint `run()` resumed from (its path on rank 0, "" on other ranks) and its step.
     public private(set) var resumedFrom: (path: String, step: Int)?
@@ -112,7 +119,14 @@ public final class Trainer {
         let auto = max(1, options.cores / max(1, options.ranksOnThisMachine))
         threads = wanted > 1 ? 1 : min(config.parallel.threads > 0 ? config.parallel.threads : auto, max(1, config.batchSize / replicas))
         BLAS.setThreads(1)
-        net = Network(graph: graph, capacity: config.batchSize / replicas, parts: threads, loss: config.loss, exchange: exchange)
+        balancing = config.parallel.balance && replicas > 1
+        stepStatistics = .allocate(capacity: 6 + replicas)
+        perSample = .allocate(capacity: replicas)
+        perSample.initialize(repeating: 0, count: replicas)
+        cuts = .allocate(capacity: replicas + 1)
+        for r in 0...replicas { cuts[r] = config.batchSize * r / replicas }
+        net = Network(graph: graph, capacity: balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas,
+                      parts: threads, loss: config.loss, exchange: exchange)
         net.seed = config.seed
         sgd = SGD(graph: graph, settings: config.sgd)
         sync = try GradientSync(comm: replicaComm, graph: graph, gradients: net.gradients, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport)
@@ -169,6 +183,9 @@ public final class Trainer {
             throw ConfigError("\(config.source): world size \(worldSize) does not fit parallel.towers \(wanted): run a multiple of \(wanted) ranks (replicas x towers), or set --towers")
         }
         let replicas = worldSize / wanted
+        if config.parallel.balance && wanted > 1 {
+            throw ConfigError("\(config.source): parallel.balance sizes the replicas' shares of the batch and needs parallel.towers 1 (the towers of a replica share its samples), got towers \(wanted)")
+        }
         guard config.batchSize % replicas == 0 else {
             throw ConfigError("\(config.source): train.batch_size \(config.batchSize) is not divisible by the \(replicas) replicas (the batch size is the global batch; each replica takes batch/\(replicas))")
         }
@@ -199,7 +216,7 @@ public final class Trainer {
         return whole
     }
 
-    deinit { stepStatistics.deallocate() }
+    deinit { stepStatistics.deallocate(); perSample.deallocate(); cuts.deallocate() }
 
     /// Every rank must run the same experiment: compare the config hashes and the world layout.
     func checkSameConfig() throws {
@@ -245,8 +262,41 @@ public final class Trainer {
         return LRSchedule(base: config.lr, kind: kind, warmupSteps: Int((config.schedule.warmupEpochs * spe).rounded()), totalSteps: plannedSteps)
     }
 
-    /// This rank's share [lo, hi) of a global batch of `m` samples.
-    public func share(of m: Int) -> Range<Int> { (m * replica / replicas)..<(m * (replica + 1) / replicas) }
+    /// This rank's share [lo, hi) of a global batch of `m` samples: even, or with `parallel.balance`
+    /// for a full batch, sized to the replicas' measured speeds (`balancedCuts`).
+    public func share(of m: Int) -> Range<Int> {
+        if balancing && m == config.batchSize { return cuts[replica]..<cuts[replica + 1] }
+        return (m * replica / replicas)..<(m * (replica + 1) / replicas)
+    }
+
+    /// Each replica's share of a full global batch at this point (even without `parallel.balance`).
+    public var shares: [Int] { (0..<replicas).map { balancing ? cuts[$0 + 1] - cuts[$0] : config.batchSize / replicas } }
+
+    /// The most samples a replica takes with `parallel.balance`: 1.5x the even share, rounded up, and
+    /// one for rounding.
+    static func balancedCapacity(batch: Int, replicas: Int) -> Int { min(batch, (3 * batch + 2 * replicas - 1) / (2 * replicas) + 1) }
+
+    /// Share cuts of `batch` samples over replicas whose seconds per sample are `perSample` (0: not
+    /// measured yet): each share proportional to its replica's speed, within 0.5x and 1.5x of the
+    /// even share; `cuts[0] = 0`, `cuts[replicas] = batch`. The same inputs give the same cuts on
+    /// every rank.
+    static func balancedCuts(batch: Int, perSample: UnsafePointer<Double>, replicas: Int, into cuts: UnsafeMutablePointer<Int>) {
+        var total = 0.0
+        for r in 0..<replicas where !(perSample[r] > 0) {
+            for q in 0...replicas { cuts[q] = batch * q / replicas }
+            return
+        }
+        for r in 0..<replicas { total += 1 / perSample[r] }
+        let mean = total / Double(replicas)
+        var clamped = 0.0
+        for r in 0..<replicas { clamped += min(1.5 * mean, max(0.5 * mean, 1 / perSample[r])) }
+        var sum = 0.0
+        cuts[0] = 0
+        for r in 0..<replicas {
+            sum += min(1.5 * mean, max(0.5 * mean, 1 / perSample[r]))
+            cuts[r + 1] = r + 1 == replicas ? batch : Int((Double(batch) * sum / clamped).rounded())
+        }
+    }
 
     /// One optimiser step on global positions [start, start + m) of the epoch's order. Returns the
     /// global mean loss and the correct count over the global batch.
@@ -260,7 +310,9 @@ public final class Trainer {
         if let trace { trace.record(trace.dataName, start: stepStart, end: Clock.now) }
         if let timing { let t = Clock.now; timing.data += t - t0; t0 = t }
         currentStep = step
+        let computeStart = Clock.now
         let r = net.trainStep(count: mine.count, lossScale: 1 / Double(m), step: step)
+        let computeSeconds = Clock.now - computeStart
         if let timing { let t = Clock.now; timing.compute += t - t0; t0 = t }
         if step == hooks.hangStep && comm.rank == hooks.hangRank {
             // Test-only: this rank stops calling collectives, as a stuck rank would.
@@ -279,8 +331,21 @@ public final class Trainer {
         stats[1] = Double(r.correct)
         if replicas > 1 {
             monitor.writeCheckSlots(stats + 2)
-            try monitor.watch(.loss, step: step, count: 6) { try replicaComm.allreduceSum(stats, count: 6) }
+            // With balance, each replica's seconds per sample rides along (zero in the others' slots).
+            let count = balancing ? 6 + replicas : 6
+            if balancing {
+                (stats + 6).update(repeating: 0, count: replicas)
+                if mine.count > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(mine.count) }
+            }
+            try monitor.watch(.loss, step: step, count: count) { try replicaComm.allreduceSum(stats, count: count) }
             if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
+            if balancing && m == config.batchSize && (0..<replicas).allSatisfy({ stats[6 + $0] > 0 }) {
+                // A moving average over about 10 steps; the first step (warm caches) is skipped.
+                if step > 0 {
+                    for q in 0..<replicas { perSample[q] = perSample[q] > 0 ? 0.9 * perSample[q] + 0.1 * stats[6 + q] : stats[6 + q] }
+                }
+                Self.balancedCuts(batch: config.batchSize, perSample: perSample, replicas: replicas, into: cuts)
+            }
         }
         if let timing { let t = Clock.now; timing.allreduce += t - t0; t0 = t }
         guard stats[0].isFinite else {
