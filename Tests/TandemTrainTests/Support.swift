@@ -27,11 +27,14 @@ func expectError(_ fragments: [String], _ body: () throws -> Void) -> String? {
 
 /// Runs `steps` training steps of `cfg` on `ranks` in-process ranks (threads) and returns rank 0's
 /// per-step losses and final parameters.
+/// `prepare` runs on each rank's trainer before the first step, `finished` after the last.
 func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, transport: GradientSync.Transport = .auto, transportUsed: ((String) -> Void)? = nil,
+                    prepare: ((Trainer) -> Void)? = nil, finished: ((Trainer) -> Void)? = nil,
                     data: @escaping @Sendable () throws -> DataPipeline) throws -> (losses: [Double], parameters: [Float]) {
     final class Box: @unchecked Sendable { var losses: [Double] = []; var params: [Float] = [] }
     let box = Box()
     nonisolated(unsafe) let transportUsed = transportUsed
+    nonisolated(unsafe) let prepare = prepare, finished = finished
     try ThreadCommunicator.run(size: ranks) { comm in
         var o = RunOptions()
         o.quiet = true
@@ -41,12 +44,14 @@ func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, transport: Gradi
         c.parallel.threads = 1
         let t = try Trainer(config: c, comm: comm, data: try data(), options: o)
         if comm.rank == 0 { transportUsed?(t.sync.transportName) }
+        prepare?(t)
         t.data.shuffle(epoch: 0, seed: c.seed)
         var losses: [Double] = []
         for s in 0..<steps {
             let r = try t.step(epoch: 0, start: s * c.batchSize, globalCount: c.batchSize, step: s, lr: c.lr)
             losses.append(r.loss)
         }
+        finished?(t)
         let whole = try t.wholeModel(t.net.parameters, tensors: \.parameters)
         if comm.rank == 0 { box.losses = losses; box.params = whole }
     }

@@ -5,11 +5,15 @@
 //                               TANDEM_TEST_HANG_STEP (default 1) and never returns (the watchdog test).
 //   TANDEM_TEST_DIVERGE_RANK=r  world rank r records a collective the others do not have, at step
 //                               TANDEM_TEST_DIVERGE_STEP (default 1) (the divergence test).
+//   TANDEM_TEST_SLOW_RANK=r     world rank r computes slower: after each step's forward and backward
+//                               it sleeps TANDEM_TEST_SLOW_US (default 50) microseconds per sample of
+//                               its share (the parallel.balance tests).
 import Foundation
 
 struct TestHooks {
     var hangRank = -1, hangStep = 1
     var divergeRank = -1, divergeStep = 1
+    var slowRank = -1, slowMicrosPerSample = 50
 
     init(environment: [String: String] = ProcessInfo.processInfo.environment) {
         func int(_ key: String) -> Int? { environment[key].flatMap { Int($0) } }
@@ -17,5 +21,7 @@ struct TestHooks {
         hangStep = int("TANDEM_TEST_HANG_STEP") ?? 1
         divergeRank = int("TANDEM_TEST_DIVERGE_RANK") ?? -1
         divergeStep = int("TANDEM_TEST_DIVERGE_STEP") ?? 1
+        slowRank = int("TANDEM_TEST_SLOW_RANK") ?? -1
+        slowMicrosPerSample = int("TANDEM_TEST_SLOW_US") ?? 50
     }
 }

@@ -1,7 +1,7 @@
 // The training loop every rank runs. Each rank holds a replica of the model; the global batch
-// (the config's batch size) is split evenly over the replicas, every rank computing the same
-// permutation and taking its own slice, so the samples of each global step are exactly those a
-// single process uses. Gradients are averaged through `GradientSync`; only rank 0 prints and writes.
+// (the config's batch size) is split over the replicas, evenly or (parallel.balance) in shares that
+// follow each replica's measured speed, every rank computing the same permutation and taking its
+// own slice, so the samples of each global step are exactly those a single process uses. Gradients are averaged through `GradientSync`; only rank 0 prints and writes.
 import CKernels
 import Foundation
 import TandemComm
@@ -69,8 +69,8 @@ public final class Trainer {
     public let exchange: CommTowerExchange?
     /// Watchdog and fingerprint of the blocking collectives (see CollectiveMonitor).
     public let monitor: CollectiveMonitor
-    /// Test-only hooks, read from the environment (see `TestHooks`).
-    let hooks = TestHooks()
+    /// Test-only hooks, read from the environment (see `TestHooks`); in-process tests set them.
+    var hooks = TestHooks()
     /// The step in progress, for the watchdog's message from inside the network (sync_bn, towers).
     var currentStep = 0
     /// `--trace`: records steps, data, layers, allreduces and the optimiser (see `startTrace`).
@@ -277,24 +277,38 @@ public final class Trainer {
     static func balancedCapacity(batch: Int, replicas: Int) -> Int { min(batch, (3 * batch + 2 * replicas - 1) / (2 * replicas) + 1) }
 
     /// Share cuts of `batch` samples over replicas whose seconds per sample are `perSample` (0: not
-    /// measured yet): each share proportional to its replica's speed, within 0.5x and 1.5x of the
-    /// even share; `cuts[0] = 0`, `cuts[replicas] = batch`. The same inputs give the same cuts on
-    /// every rank.
+    /// measured yet): each share proportional to its replica's speed, held within 0.5x and 1.5x of
+    /// the even share, the held shares' difference spread over the others in proportion (the scale
+    /// found by bisection); `cuts[0] = 0`, `cuts[replicas] = batch`, each share at most the bound
+    /// plus one for rounding. The same inputs give the same cuts on every rank.
     static func balancedCuts(batch: Int, perSample: UnsafePointer<Double>, replicas: Int, into cuts: UnsafeMutablePointer<Int>) {
-        var total = 0.0
-        for r in 0..<replicas where !(perSample[r] > 0) {
-            for q in 0...replicas { cuts[q] = batch * q / replicas }
-            return
+        var slowest = 0.0
+        for r in 0..<replicas {
+            guard perSample[r] > 0 && perSample[r].isFinite else {
+                for q in 0...replicas { cuts[q] = batch * q / replicas }
+                return
+            }
+            slowest = max(slowest, perSample[r])
         }
-        for r in 0..<replicas { total += 1 / perSample[r] }
-        let mean = total / Double(replicas)
-        var clamped = 0.0
-        for r in 0..<replicas { clamped += min(1.5 * mean, max(0.5 * mean, 1 / perSample[r])) }
+        let even = Double(batch) / Double(replicas)
+        let lo = 0.5 * even, hi = 1.5 * even
+        // Replica r's share for scale k: k / perSample[r], held within [lo, hi]. The total grows
+        // with k from replicas * lo (k = 0) to replicas * hi (k = hi * slowest), so batch lies between.
+        func total(_ k: Double) -> Double {
+            var t = 0.0
+            for r in 0..<replicas { t += min(hi, max(lo, k / perSample[r])) }
+            return t
+        }
+        var a = 0.0, b = hi * slowest
+        for _ in 0..<64 {
+            let k = 0.5 * (a + b)
+            if total(k) < Double(batch) { a = k } else { b = k }
+        }
         var sum = 0.0
         cuts[0] = 0
         for r in 0..<replicas {
-            sum += min(1.5 * mean, max(0.5 * mean, 1 / perSample[r]))
-            cuts[r + 1] = r + 1 == replicas ? batch : Int((Double(batch) * sum / clamped).rounded())
+            sum += min(hi, max(lo, b / perSample[r]))
+            cuts[r + 1] = r + 1 == replicas ? batch : min(batch, max(cuts[r], Int(sum.rounded())))
         }
     }
 
@@ -312,6 +326,7 @@ public final class Trainer {
         currentStep = step
         let computeStart = Clock.now
         let r = net.trainStep(count: mine.count, lossScale: 1 / Double(m), step: step)
+        if comm.rank == hooks.slowRank { usleep(UInt32(hooks.slowMicrosPerSample * mine.count)) }
         let computeSeconds = Clock.now - computeStart
         if let timing { let t = Clock.now; timing.compute += t - t0; t0 = t }
         if step == hooks.hangStep && comm.rank == hooks.hangRank {
@@ -541,8 +556,9 @@ public final class Trainer {
                                  images_per_second: Double(samplesDone) / max(trainSeconds, 1e-9),
                                  train_seconds: trainSeconds, wall_seconds: Clock.now - wallStart, world_size: comm.size, threads: threads,
                                  batch_size: config.batchSize, param_norm: try parameterNorm(), parameters: plan.global.parameterCount, seed: config.seed,
-                                 seconds_to_90: secondsTo90)
+                                 seconds_to_90: secondsTo90, shares: balancing ? shares : nil)
         if isRoot {
+            if balancing { say("tandem: balance: the replicas' shares of the batch at the end " + shares.map(String.init).joined(separator: ", ")) }
             try summary.write(to: out + "/summary.json")
             if let extra = options.summaryJSON { try summary.write(to: extra) }
             if let metrics { try writeCurves(metrics.rows, to: out + "/curves.svg", epochs: summary.epochs) }

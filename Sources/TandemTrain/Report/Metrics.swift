@@ -83,6 +83,8 @@ public struct RunSummary: Codable, Sendable {
     public var seed: UInt64
     /// Training seconds (evaluation excluded) when test accuracy first reached 90%, if it did.
     public var seconds_to_90: Double?
+    /// With parallel.balance: each replica's share of a full global batch at the end.
+    public var shares: [Int]? = nil
 
     public func write(to path: String) throws {
         let enc = JSONEncoder()
