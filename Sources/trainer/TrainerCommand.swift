@@ -59,7 +59,7 @@ struct TrainerCommand: ParsableCommand {
         commandName: "trainer",
         abstract: "Tandem: data- and model-parallel training of convolutional networks on CPUs over MPI.",
         discussion: "With no subcommand, trains the default model (LeNet-5 with batch norm on Fashion-MNIST). Run it under `mpirun -np N trainer` for N data-parallel replicas.",
-        subcommands: [Train.self, Debug.self, Bench.self, Export.self, BenchAllreduce.self, BenchReport.self],
+        subcommands: [Train.self, Debug.self, Bench.self, Export.self, BenchAllreduce.self, BenchReport.self, BenchLockstep.self],
         defaultSubcommand: Train.self)
 }
 

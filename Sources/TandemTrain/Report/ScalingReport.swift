@@ -110,8 +110,11 @@ public enum ScalingReport {
     /// from its one-rank row; ideal speedup dashed; oversubscribed ranks shaded), and, with
     /// allreduce results, bus bandwidth against message size next to memcpy bandwidth.
     public static func svg(rows: [ScalingRow], allreduce: [AllreduceResult], cores: Int, title: String) -> String {
-        // One line per model, mode and family (data parallel, or towers: 2 towers and 2x2 hybrid together).
-        func family(_ r: ScalingRow) -> String { r.layout == "data parallel" ? "DP" : "towers" }
+        // One line per model, mode and family (data parallel, data parallel with balanced shares, or
+        // towers: 2 towers and 2x2 hybrid together).
+        func family(_ r: ScalingRow) -> String {
+            r.layout == "data parallel" ? "DP" : r.layout == "data parallel, balanced" ? "DP balanced" : "towers"
+        }
         var keys: [String] = []
         var lines: [String: [(Double, Double, Double)]] = [:]   // key -> (np, speedup, efficiency)
         for r in rows where r.speedup.isFinite {
