@@ -78,6 +78,22 @@ import TandemCore
         #expect(box.shares == [16, 16])
     }
 
+    @Test func ranksStartedWithAndWithoutBalanceAreRefused() throws {
+        // The per-step allreduce would differ in size (a hang or garbage): every rank stops at start-up.
+        let c = try config(lenetYAML)
+        #expect {
+            try ThreadCommunicator.run(size: 2) { comm in
+                var mine = c
+                mine.parallel.balance = comm.rank == 1
+                var o = RunOptions()
+                o.quiet = true
+                _ = try Trainer(config: mine, comm: comm, data: try syntheticData(), options: o)
+            }
+        } throws: { error in
+            "\(error)".contains("rank 1 runs a different config than rank 0 (config hash, batch size, seed or parallel.balance differ)")
+        }
+    }
+
     @Test func configKeyAndItsErrors() throws {
         #expect(try config(lenetYAML + "\nparallel: {balance: true}\n").parallel.balance)
         #expect(try !config(lenetYAML).parallel.balance)

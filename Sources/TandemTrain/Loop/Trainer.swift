@@ -220,13 +220,16 @@ public final class Trainer {
 
     /// Every rank must run the same experiment: compare the config hashes and the world layout.
     func checkSameConfig() throws {
-        var mine: [Int64] = [Int64(bitPattern: config.hash), Int64(config.batchSize), Int64(bitPattern: config.seed)]
-        var all = [Int64](repeating: 0, count: 3 * comm.size)
+        // parallel.balance changes the per-step collective's size, not what is trained (so it is
+        // not in the hash that checkpoints carry): compared here on its own.
+        var mine: [Int64] = [Int64(bitPattern: config.hash), Int64(config.batchSize), Int64(bitPattern: config.seed), config.parallel.balance ? 1 : 0]
+        let k = mine.count
+        var all = [Int64](repeating: 0, count: k * comm.size)
         try mine.withUnsafeMutableBytes { m in
-            try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: 24, into: a.baseAddress!) }
+            try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: 8 * k, into: a.baseAddress!) }
         }
-        for r in 0..<comm.size where all[3 * r] != all[0] || all[3 * r + 1] != all[1] || all[3 * r + 2] != all[2] {
-            throw TrainingError("rank \(r) runs a different config than rank 0 (config hash, batch size or seed differ): start every rank with the same config and options")
+        for r in 0..<comm.size where (0..<k).contains(where: { all[k * r + $0] != all[$0] }) {
+            throw TrainingError("rank \(r) runs a different config than rank 0 (config hash, batch size, seed or parallel.balance differ): start every rank with the same config and options")
         }
         mine.removeAll()
     }
