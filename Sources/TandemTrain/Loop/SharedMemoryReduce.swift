@@ -9,15 +9,16 @@
 //
 // Layout of the segment (POSIX shared memory, mapped by every rank of the replica group):
 //   flags: per rank, per bucket, three 64-bit step numbers, each on its own cache line:
-//     ready     the rank has copied this step's gradients of the bucket into its slot
+//     ready     the rank has copied this step's gradients of the bucket (but its own slice) into its slot
 //     reduced   the rank has summed its slice of the bucket (in its own slot)
 //     gathered  the rank has copied every slice's sum out (it reads no slot of this bucket again)
 //   slots: per rank, the whole flat gradient buffer (parameterCount floats, 64-byte aligned).
 // Each bucket is cut into one slice per rank. A step (number s, from 1):
 //   release(b): wait until every rank's gathered[b] >= s-1 (none still reads my slot from the last
-//               step), copy my gradients of b into my slot, ready[b] = s;
-//   then, polled: once every ready[b] >= s, sum slice `rank` of every slot (ranks in order 0, 1, ...)
-//               into my slot's slice, reduced[b] = s;
+//               step), copy my gradients of b but my own slice into my slot (only the other ranks
+//               read those), ready[b] = s;
+//   then, polled: once every ready[b] >= s, sum slice `rank` of every slot (ranks in order 0, 1, ...;
+//               my own part read from my gradients) into my slot's slice, reduced[b] = s;
 //               once every reduced[b] >= s, copy each rank's summed slice from its slot into my
 //               gradients, gathered[b] = s.
 // Every slice is summed by one rank, in rank order, so every rank gets the same bits. Flags are
@@ -211,8 +212,10 @@ public final class SharedMemoryReduce {
             }
         }
         sources = .allocate(capacity: buckets.count * ranks)
+        // My own slice's part of the sum comes from my gradients, which hold the same values my slot
+        // would (so the sums are those of the slots): its copy into my slot is saved.
         for b in 0..<buckets.count {
-            for q in 0..<ranks { sources[b * ranks + q] = slots[q]! + cuts[b * (ranks + 1) + rank] }
+            for q in 0..<ranks { sources[b * ranks + q] = q == rank ? UnsafePointer(self.gradients + cuts[b * (ranks + 1) + rank]) : slots[q]! + cuts[b * (ranks + 1) + rank] }
         }
         state = .allocate(capacity: buckets.count)
         state.initialize(repeating: 0, count: buckets.count)
@@ -245,11 +248,14 @@ public final class SharedMemoryReduce {
             stepOpen = true
             completed = 0
         }
-        let lo = cuts[b * (ranks + 1)], hi = cuts[b * (ranks + 1) + ranks]
+        let c = cuts + b * (ranks + 1)
+        let lo = c[0], hi = c[ranks], mineLo = c[rank], mineHi = c[rank + 1]
         var spin = Backoff()
         while !everyRank(b, Self.gathered, atLeast: sequence - 1) { spin.pause() }
         started[b] = Clock.now
-        (mySlot + lo).update(from: gradients + lo, count: hi - lo)
+        // The other ranks read the slices before and after mine.
+        (mySlot + lo).update(from: gradients + lo, count: mineLo - lo)
+        (mySlot + mineHi).update(from: gradients + mineHi, count: hi - mineHi)
         tandem_store_release_u64(flag(rank, b, Self.ready), sequence)
         state[b] = 1
         progress()
