@@ -86,8 +86,10 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     ///   - parts: threads that split each batch (1 when ranks fill the cores).
     ///   - inputGradient: also compute the gradient of the input (the gradient checker needs it).
     ///   - exchange: where tower gathers meet the other towers (models split into towers only).
+    ///   - gradients: memory of `graph.parameterCount` zeroed values to hold the gradient buffer, which
+    ///     the caller owns and keeps alive (the gradient sync's shared-memory slot); nil: its own.
     public init(graph: Graph, capacity: Int, parts: Int = 1, loss: LossKind = .softmaxCrossEntropy, inputGradient: Bool = false,
-                exchange: TowerExchange? = nil) {
+                exchange: TowerExchange? = nil, gradients external: UnsafeMutablePointer<T>? = nil) {
         precondition(capacity > 0 && parts > 0)
         precondition(parts == 1 || !graph.nodes.contains { if case .towerGather? = $0.kind { return true } else { return false } },
                      "a tower of a split model runs on one thread")
@@ -102,7 +104,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         }
         var owned: [UnsafeMutableRawPointer] = []
         parameters = UnsafeMutableBufferPointer(start: alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
-        gradients = UnsafeMutableBufferPointer(start: alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
+        gradients = UnsafeMutableBufferPointer(start: external ?? alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
         statistics = UnsafeMutableBufferPointer(start: alloc(T.self, graph.statisticsCount, into: &owned), count: graph.statisticsCount)
         labels = alloc(Int32.self, capacity, into: &owned)
         // A ReLU whose input is a convolution that nothing else reads is applied by the convolution as

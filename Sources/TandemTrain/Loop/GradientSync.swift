@@ -46,7 +46,11 @@ public final class GradientSync: GradientObserver {
         case mpi
     }
     let comm: Communicator
-    let gradients: UnsafeMutableBufferPointer<Float>
+    /// The replica's flat gradient buffer, which the network's backward writes (`Network`'s
+    /// `gradients:`): through shared memory this rank's slot of the segment, so that posting a
+    /// bucket copies nothing; otherwise memory of its own.
+    public let gradients: UnsafeMutableBufferPointer<Float>
+    private let ownsGradients: Bool
     public let mode: Mode
     /// Bucket boundaries as offsets into the buffer, from the end: buckets[i] = start..<end.
     public let buckets: [Range<Int>]
@@ -77,10 +81,10 @@ public final class GradientSync: GradientObserver {
     var trace: TraceRecorder?
 
     /// - Parameter bucketBytes: the smallest bucket; buckets end on parameter-tensor boundaries.
-    /// Every rank of `comm` must create its GradientSync at the same point (overlap splits `comm`).
-    public init(comm: Communicator, graph: Graph, gradients: UnsafeMutableBufferPointer<Float>, mode: Mode, bucketBytes: Int, transport: Transport = .auto) throws {
+    /// Every rank of `comm` must create its GradientSync at the same point (overlap splits `comm`),
+    /// before the network, which takes `gradients` as its gradient buffer.
+    public init(comm: Communicator, graph: Graph, mode: Mode, bucketBytes: Int, transport: Transport = .auto) throws {
         self.comm = comm
-        self.gradients = gradients
         if comm.size > 1 { try Self.checkSameOptions(comm: comm, mode: mode, bucketBytes: bucketBytes, transport: transport) }
         var cuts: [Range<Int>] = []
         var end = graph.parameterCount
@@ -93,13 +97,20 @@ public final class GradientSync: GradientObserver {
         var mode = mode
         var shared: SharedMemoryReduce?
         if mode == .overlap && comm.size > 1 && transport == .auto {
-            switch try SharedMemoryReduce.make(comm: comm, gradients: gradients, buckets: cuts) {
+            switch try SharedMemoryReduce.make(comm: comm, count: graph.parameterCount, buckets: cuts) {
             case .success(let engine): shared = engine
             case .failure(.otherMachines): break
             case .failure(let reason): note = "gradient sync: \(reason), so buckets go through MPI"
             }
         }
         self.shared = shared
+        if let shared {
+            gradients = UnsafeMutableBufferPointer(start: shared.gradients, count: graph.parameterCount)
+            ownsGradients = false
+        } else {
+            gradients = UnsafeMutableBufferPointer(start: allocateZeroed(Float.self, count: graph.parameterCount), count: graph.parameterCount)
+            ownsGradients = true
+        }
         if shared == nil && mode == .overlap && comm.size > 1 && !comm.allowsConcurrentCommunicators {
             note = "gradient sync: MPI was not initialised with MPI_THREAD_MULTIPLE, so buckets are allreduced after backward"
             mode = .after
@@ -116,7 +127,10 @@ public final class GradientSync: GradientObserver {
         }
     }
 
-    deinit { worker?.stop() }
+    deinit {
+        worker?.stop()
+        if ownsGradients { UnsafeMutableRawPointer(gradients.baseAddress!).deallocate() }
+    }
 
     /// Ranks started with different sync options would hang at the first bucket (or at the split of
     /// the communicator): every rank compares its options with rank 0's and stops with one line.

@@ -12,15 +12,20 @@
 //     ready     the rank has copied this step's gradients of the bucket (but its own slice) into its slot
 //     reduced   the rank has summed its slice of the bucket (in its own slot)
 //     gathered  the rank has copied every slice's sum out (it reads no slot of this bucket again)
-//   slots: per rank, the whole flat gradient buffer (parameterCount floats, 64-byte aligned).
+//   slots: per rank, the whole flat gradient buffer (parameterCount floats, 64-byte aligned). For
+//          the training loop the slot *is* the rank's gradient buffer (backward writes it), so
+//          posting a bucket copies nothing; `single` (bench-allreduce) copies a buffer of its own in.
 // Each bucket is cut into one slice per rank. A step (number s, from 1):
 //   release(b): wait until every rank's gathered[b] >= s-1 (none still reads my slot from the last
-//               step), copy my gradients of b but my own slice into my slot (only the other ranks
-//               read those), ready[b] = s;
+//               step); with a buffer of its own, copy b but my own slice into my slot (only the
+//               other ranks read those); ready[b] = s;
 //   then, polled: once every ready[b] >= s, sum slice `rank` of every slot (ranks in order 0, 1, ...;
 //               my own part read from my gradients) into my slot's slice, reduced[b] = s;
-//               once every reduced[b] >= s, copy each rank's summed slice from its slot into my
-//               gradients, gathered[b] = s.
+//               once every reduced[b] >= s, copy each other rank's summed slice from its slot into
+//               my gradients (and my own from my slot, with a buffer of its own), gathered[b] = s.
+// With the gradients in the slot, the next step's backward overwrites the slot: the training loop's
+// per-step loss allreduce, which every rank enters only after `finish`, keeps it from starting
+// while another rank still copies out of it.
 // Every slice is summed by one rank, in rank order, so every rank gets the same bits. Flags are
 // stored with release and loaded with acquire ordering. The loss gradient is already scaled by
 // 1 / global batch, so the sum is the average gradient.
@@ -153,7 +158,10 @@ public final class SharedMemoryReduce {
     let rank: Int
     let ranks: Int
     private let segment: SharedSegment
-    private let gradients: UnsafeMutablePointer<Float>
+    /// The buffer summed in place: this rank's slot (the training loop's gradients) or `single`'s own.
+    let gradients: UnsafeMutablePointer<Float>
+    /// Whether `gradients` is this rank's slot (nothing to copy in, nor my own slice out).
+    private let inSlot: Bool
     private let bucketCount: Int
     /// Bucket b's slices: rank q's is cuts[b * (ranks + 1) + q] ..< cuts[b * (ranks + 1) + q + 1].
     private let cuts: UnsafeMutablePointer<Int>
@@ -180,28 +188,32 @@ public final class SharedMemoryReduce {
     private static let ready = 0, reduced = 1, gathered = 2
 
     /// Every rank of `comm` must call it with the same buckets; runs collectives on `comm`.
+    /// - Parameters:
+    ///   - count: floats in the buffer the buckets cut.
+    ///   - buffer: nil to sum this rank's slot in place (`gradients`, zeroed), or a buffer of its own.
     /// - Returns: why not, when the ranks cannot share memory.
-    static func make(comm: Communicator, gradients: UnsafeMutableBufferPointer<Float>, buckets: [Range<Int>]) throws -> Result<SharedMemoryReduce, SharedSegment.Reason> {
-        let slotFloats = (gradients.count + 15) / 16 * 16
+    static func make(comm: Communicator, count: Int, buckets: [Range<Int>], buffer: UnsafeMutablePointer<Float>? = nil) throws -> Result<SharedMemoryReduce, SharedSegment.Reason> {
+        let slotFloats = (count + 15) / 16 * 16
         let flagBytes = comm.size * buckets.count * 3 * 64
         switch try SharedSegment.make(comm: comm, bytes: flagBytes + comm.size * slotFloats * MemoryLayout<Float>.stride) {
         case .failure(let reason): return .failure(reason)
         case .success(let segment):
-            return .success(SharedMemoryReduce(comm: comm, segment: segment, flagBytes: flagBytes, slotFloats: slotFloats, gradients: gradients, buckets: buckets))
+            return .success(SharedMemoryReduce(comm: comm, segment: segment, flagBytes: flagBytes, slotFloats: slotFloats, buffer: buffer, buckets: buckets))
         }
     }
 
-    private init(comm: Communicator, segment: SharedSegment, flagBytes: Int, slotFloats: Int, gradients: UnsafeMutableBufferPointer<Float>, buckets: [Range<Int>]) {
+    private init(comm: Communicator, segment: SharedSegment, flagBytes: Int, slotFloats: Int, buffer: UnsafeMutablePointer<Float>?, buckets: [Range<Int>]) {
         rank = comm.rank
         ranks = comm.size
         self.segment = segment
-        self.gradients = gradients.baseAddress!
         bucketCount = buckets.count
         flags = segment.base.bindMemory(to: UInt64.self, capacity: flagBytes / 8)
         let slotBase = (segment.base + flagBytes).bindMemory(to: Float.self, capacity: ranks * slotFloats)
         slots = .allocate(capacity: ranks)
         for q in 0..<ranks { slots[q] = UnsafePointer(slotBase + q * slotFloats) }
         mySlot = slotBase + rank * slotFloats
+        gradients = buffer ?? mySlot
+        inSlot = buffer == nil
         // Slice boundaries on multiples of 16 floats (64 bytes from the slot's start), so that two
         // ranks never write the same cache line.
         cuts = .allocate(capacity: buckets.count * (ranks + 1))
@@ -253,9 +265,11 @@ public final class SharedMemoryReduce {
         var spin = Backoff()
         while !everyRank(b, Self.gathered, atLeast: sequence - 1) { spin.pause() }
         started[b] = Clock.now
-        // The other ranks read the slices before and after mine.
-        (mySlot + lo).update(from: gradients + lo, count: mineLo - lo)
-        (mySlot + mineHi).update(from: gradients + mineHi, count: hi - mineHi)
+        if !inSlot {
+            // The other ranks read the slices before and after mine.
+            (mySlot + lo).update(from: gradients + lo, count: mineLo - lo)
+            (mySlot + mineHi).update(from: gradients + mineHi, count: hi - mineHi)
+        }
         tandem_store_release_u64(flag(rank, b, Self.ready), sequence)
         state[b] = 1
         progress()
@@ -274,7 +288,7 @@ public final class SharedMemoryReduce {
                 state[b] = 2
             }
             if state[b] == 2 && everyRank(b, Self.reduced, atLeast: sequence) {
-                for q in 0..<ranks {
+                for q in 0..<ranks where !(inSlot && q == rank) {
                     let lo = c[q], hi = c[q + 1]
                     (gradients + lo).update(from: slots[q]! + lo, count: hi - lo)
                 }
@@ -289,7 +303,7 @@ public final class SharedMemoryReduce {
     /// One allreduce of a single buffer (`trainer bench-allreduce`): the sum over ranks in place.
     /// - Returns: nil (on every rank) when the ranks cannot share memory.
     public static func single(comm: Communicator, buffer: UnsafeMutableBufferPointer<Float>) throws -> SharedMemoryReduce? {
-        if case .success(let engine) = try make(comm: comm, gradients: buffer, buckets: [0..<buffer.count]) { return engine }
+        if case .success(let engine) = try make(comm: comm, count: buffer.count, buckets: [0..<buffer.count], buffer: buffer.baseAddress!) { return engine }
         return nil
     }
 

@@ -125,11 +125,12 @@ public final class Trainer {
         perSample.initialize(repeating: 0, count: replicas)
         cuts = .allocate(capacity: replicas + 1)
         for r in 0...replicas { cuts[r] = config.batchSize * r / replicas }
+        // The sync first: through shared memory the network's gradients live in this rank's slot.
+        sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport)
         net = Network(graph: graph, capacity: balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas,
-                      parts: threads, loss: config.loss, exchange: exchange)
+                      parts: threads, loss: config.loss, exchange: exchange, gradients: sync.gradients.baseAddress!)
         net.seed = config.seed
         sgd = SGD(graph: graph, settings: config.sgd)
-        sync = try GradientSync(comm: replicaComm, graph: graph, gradients: net.gradients, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport)
         if let note = sync.note, comm.rank == 0 { fputs("tandem: \(note)\n", stderr) }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
