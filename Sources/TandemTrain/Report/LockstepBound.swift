@@ -50,7 +50,8 @@ public struct LockstepBound: Sendable, Equatable {
             var f = 0.5
             if i > 0 { f = min(0.75, max(0.25, (1 / ea) / (1 / ea + 1 / eb))) }
             total += max(2 * f * u, 2 * (1 - f) * v)
-            if i == 0 { ea = u; eb = v } else { ea = 0.9 * ea + 0.1 * u; eb = 0.9 * eb + 0.1 * v }
+            let a = Trainer.balanceSmoothing
+            if i == 0 { ea = u; eb = v } else { ea = (1 - a) * ea + a * u; eb = (1 - a) * eb + a * v }
         }
         balanced = 2 * n / total / pair
     }
