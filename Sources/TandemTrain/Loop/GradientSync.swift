@@ -23,7 +23,9 @@
 // Session 5: when every rank of the replica group is on one machine (`transport` auto), the buckets
 // go through shared memory instead (SharedMemoryReduce): the training thread posts each bucket as
 // backward finishes it, sums its slice of each bucket once every rank has posted it, between
-// backward layers, and copies the sums out; no MPI call, no sync thread. Across machines, or with
+// backward layers, and copies the sums out; no MPI call, no sync thread. Since session 6 the
+// network's gradient buffer is this rank's slot of the segment, so that nothing is copied in and a
+// rank's own slice is summed in place. Across machines, or with
 // `transport` mpi, the MPI path above.
 import Foundation
 import Synchronization
