@@ -41,7 +41,7 @@ import TandemCore
             let even = Double(batch) / Double(replicas)
             for r in 0..<replicas {
                 let share = c[r + 1] - c[r]
-                #expect(share <= capacity && Double(share) <= 1.5 * even + 1 && Double(share) >= 0.5 * even - 1,
+                #expect(share >= 1 && share <= capacity && Double(share) <= 1.5 * even + 1 && Double(share) >= 0.5 * even - 1,
                         "batch \(batch), speeds \(speeds): cuts \(c), capacity \(capacity)")
             }
             // Faster replicas never get fewer samples (beyond rounding).

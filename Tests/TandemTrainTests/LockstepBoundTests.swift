@@ -13,18 +13,26 @@ import Testing
 
     @Test func equalStepsLoseNothing() throws {
         let b = try LockstepBound(a: run(Array(repeating: 0.01, count: 50)), b: run(Array(repeating: 0.01, count: 50)))
-        #expect(b.pairedSteps == 50 && b.meanDifference == 0)
-        #expect(abs(b.even - 1) < 1e-12 && abs(b.balanced - 1) < 1e-12)
+        #expect((49...50).contains(b.pairedSteps) && b.meanDifference == 0)
+        #expect(abs(b.even - 1) < 1e-9 && abs(b.balanced - 1) < 1e-9)
     }
 
-    @Test func aRankTwiceAsSlowCostsEvenSharesAThirdAndBalancedSharesOneStep() throws {
-        // b's steps take 2 s, a's 1 s (a runs 2 steps per b step): pair 1.5 batches/s; even lockstep
-        // 2 batches per 2 s; balanced: shares 2/3 and 1/3 from the second step, 4/3 s per step.
+    @Test func aRankTwiceAsSlowCostsEvenSharesAThirdAndBalancedSharesTwoSteps() throws {
+        // b's steps take 2 s, a's 1 s, for 200 s: pair 1.5 batches/s; even lockstep 2 batches per 2 s;
+        // balanced as parallel.balance: even shares for two steps (the first is not measured), then
+        // shares 2/3 and 1/3, 4/3 s per step: 2 + 147 steps in 200 s.
         let b = try LockstepBound(a: run(Array(repeating: 1, count: 200)), b: run(Array(repeating: 2, count: 100)))
-        #expect(b.pairedSteps == 200)
+        #expect(b.pairedSteps == 100 && abs(b.window - 200) < 1e-9 && b.meanA == 1 && b.meanB == 2)
         #expect(abs(b.even - 1 / 1.5) < 1e-12)
-        let n = 200.0
-        #expect(abs(b.balanced - 2 * n / (2 + (n - 1) * 4 / 3) / 1.5) < 1e-12, "\(b.balanced)")
+        #expect(abs(b.balanced - 2 * 149 / 200 / 1.5) < 1e-3, "\(b.balanced)")
+    }
+
+    @Test func thePairsRateIsEachRunsOwnNotTimeWeighted() throws {
+        // b alternates 0.5 s and 1.5 s steps (1 step per second, as a): the pair makes 2 batches per
+        // second. In lockstep a step takes the slower of the steps in progress, 1.5 s for 3/4 of the time.
+        let bound = try LockstepBound(a: run(Array(repeating: 1, count: 100)), b: run((0..<100).map { $0 % 2 == 0 ? 0.5 : 1.5 }))
+        #expect(abs(bound.meanA - 1) < 1e-12 && abs(bound.meanB - 1) < 1e-3)
+        #expect(bound.even > 0.6 && bound.even < 0.8, "\(bound.even)")
     }
 
     @Test func stepToStepJitterCostsWhatTheSlowerStepTakes() throws {
@@ -33,8 +41,9 @@ import Testing
         let a = run((0..<100).map { 1 + 0.1 * ($0 % 2 == 0 ? 1 : -1) })
         let b = run((0..<100).map { 1 - 0.1 * ($0 % 2 == 0 ? 1 : -1) })
         let bound = try LockstepBound(a: a, b: b)
-        #expect(abs(bound.meanDifference - 0.2) < 1e-9)
-        #expect(abs(bound.even - 1 / 1.1) < 1e-9)
+        // (Where a's long step overlaps b's, both are 1.1: a tenth of the time the two agree.)
+        #expect(bound.meanDifference > 0.15 && bound.meanDifference <= 0.2 + 1e-9, "\(bound.meanDifference)")
+        #expect(abs(bound.even - 1 / 1.1) < 2e-3, "\(bound.even)")
         #expect(bound.balanced < 0.93)
     }
 

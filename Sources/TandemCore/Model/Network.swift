@@ -16,10 +16,14 @@ public protocol GradientObserver: AnyObject {
     /// Called after each layer's backward (when the rank's batch runs on one thread): a chance to
     /// move allreduces in flight on. Must be cheap and must not block.
     func layerBackwardDone()
+    /// Called before a training pass zeroes and rewrites the gradient buffer (on the calling thread):
+    /// returns once nobody else reads it any more (another rank copying sums out of shared memory).
+    func willWriteGradients()
 }
 
 extension GradientObserver {
     public func layerBackwardDone() {}
+    public func willWriteGradients() {}
 }
 
 /// Told each layer's forward and backward begin and end times of part 0 (the trace recorder).
@@ -44,6 +48,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     public let loss: LossKind
     public let parameters: UnsafeMutableBufferPointer<T>
     public let gradients: UnsafeMutableBufferPointer<T>
+    /// What owns `gradients` when the network was given them (kept alive with the network).
+    private let gradientsOwner: AnyObject?
     public let statistics: UnsafeMutableBufferPointer<T>
     /// Per node, the full-batch activation and its gradient; `activations[0]` is the input.
     public let activations: [UnsafeMutablePointer<T>]
@@ -86,10 +92,13 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     ///   - parts: threads that split each batch (1 when ranks fill the cores).
     ///   - inputGradient: also compute the gradient of the input (the gradient checker needs it).
     ///   - exchange: where tower gathers meet the other towers (models split into towers only).
-    ///   - gradients: memory of `graph.parameterCount` zeroed values to hold the gradient buffer, which
-    ///     the caller owns and keeps alive (the gradient sync's shared-memory slot); nil: its own.
+    ///   - gradients: memory of `graph.parameterCount` zeroed values to hold the gradient buffer (the
+    ///     gradient sync's shared-memory slot), owned by `gradientsOwner`, which the network keeps
+    ///     alive; nil: memory of its own.
     public init(graph: Graph, capacity: Int, parts: Int = 1, loss: LossKind = .softmaxCrossEntropy, inputGradient: Bool = false,
-                exchange: TowerExchange? = nil, gradients external: UnsafeMutablePointer<T>? = nil) {
+                exchange: TowerExchange? = nil, gradients external: UnsafeMutablePointer<T>? = nil, gradientsOwner: AnyObject? = nil) {
+        precondition(external == nil || gradientsOwner != nil, "external gradients need their owner")
+        self.gradientsOwner = gradientsOwner
         precondition(capacity > 0 && parts > 0)
         precondition(parts == 1 || !graph.nodes.contains { if case .towerGather? = $0.kind { return true } else { return false } },
                      "a tower of a split model runs on one thread")
@@ -208,6 +217,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// gradient is scaled by `lossScale` (1 / the global batch, so that gradients summed over parts and
     /// ranks are the gradient of the mean loss). Returns the summed loss and correct predictions.
     public func trainStep(count: Int, lossScale: Double, step: Int) -> (loss: Double, correct: Int) {
+        observer?.willWriteGradients()
         if parts == 1 { zeroGradients() }   // with several parts each zeroes its own buffer (runPart)
         self.lossScale = T(lossScale)
         start(.train, count: count, training: true, step: step, updateStatistics: true)

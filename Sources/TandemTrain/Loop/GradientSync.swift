@@ -165,6 +165,11 @@ public final class GradientSync: GradientObserver {
         }
     }
 
+    /// Through shared memory the gradients are this rank's slot, which the other ranks read until
+    /// they have copied the last step's sums out: waits for that (at once in the training loop,
+    /// whose per-step loss allreduce comes after every rank's `finish`).
+    public func willWriteGradients() { shared?.awaitSlotFree() }
+
     /// Called by backward after each layer: while the sync thread has a bucket in flight, runs
     /// MPI's progress engine once from the training thread (see `SyncWorker.inFlight`).
     public func layerBackwardDone() {

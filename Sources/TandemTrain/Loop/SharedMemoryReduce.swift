@@ -25,9 +25,10 @@
 //               my own part read from my gradients) into my slot's slice, reduced[b] = s;
 //               once every reduced[b] >= s, copy each other rank's summed slice from its slot into
 //               my gradients (and my own from my slot, with a buffer of its own), gathered[b] = s.
-// With the gradients in the slot, the next step's backward overwrites the slot: the training loop's
-// per-step loss allreduce, which every rank enters only after `finish`, keeps it from starting
-// while another rank still copies out of it.
+// With the gradients in the slot, the next step's backward overwrites the slot: before it zeroes
+// the buffer, the network asks `awaitSlotFree`, which waits until every rank's gathered[b] >= s for
+// every bucket (in the training loop at once: its per-step loss allreduce, which every rank enters
+// only after `finish`, already orders it).
 // Every slice is summed by one rank, in rank order, so every rank gets the same bits. Flags are
 // stored with release and loaded with acquire ordering. The loss gradient is already scaled by
 // 1 / global batch, so the sum is the average gradient.
@@ -275,6 +276,16 @@ public final class SharedMemoryReduce {
         tandem_store_release_u64(flag(rank, b, Self.ready), sequence)
         state[b] = 1
         progress()
+    }
+
+    /// With the gradients in the slot: returns once every rank has copied the last step's sums out
+    /// of every bucket (so that this rank may zero and rewrite its slot), spinning meanwhile.
+    func awaitSlotFree() {
+        guard inSlot && !stepOpen else { return }
+        var spin = Backoff()
+        for b in 0..<bucketCount {
+            while !everyRank(b, Self.gathered, atLeast: sequence) { spin.pause() }
+        }
     }
 
     /// Moves every released bucket on as far as the other ranks allow, without waiting.

@@ -90,6 +90,8 @@ public final class Trainer {
     private let cuts: UnsafeMutablePointer<Int>
     /// Whether shares follow the replicas' speeds (parallel.balance with more than one replica).
     public let balancing: Bool
+    /// Full global batches whose speeds this process has measured (the first is not averaged in).
+    private var balancedSteps = 0
     var isRoot: Bool { comm.rank == 0 }
     /// The checkpoint `run()` resumed from (its path on rank 0, "" on other ranks) and its step.
     public private(set) var resumedFrom: (path: String, step: Int)?
@@ -128,10 +130,13 @@ public final class Trainer {
         // The sync first: through shared memory the network's gradients live in this rank's slot.
         sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport)
         net = Network(graph: graph, capacity: balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas,
-                      parts: threads, loss: config.loss, exchange: exchange, gradients: sync.gradients.baseAddress!)
+                      parts: threads, loss: config.loss, exchange: exchange, gradients: sync.gradients.baseAddress!, gradientsOwner: sync)
         net.seed = config.seed
         sgd = SGD(graph: graph, settings: config.sgd)
         if let note = sync.note, comm.rank == 0 { fputs("tandem: \(note)\n", stderr) }
+        if balancing && !config.parallel.syncBN && graph.nodes.contains(where: { if case .batchNorm? = $0.kind { return true } else { return false } }) && comm.rank == 0 && !options.quiet {
+            fputs("tandem: parallel.balance with batch norm and without parallel.sync_bn: each replica normalises over a share whose size follows the ranks' timing, so runs differ from one another and from one process; set sync_bn: true for the same statistics as one process\n", stderr)
+        }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
             let c = replicaComm
@@ -279,8 +284,8 @@ public final class Trainer {
     /// `parallel.balance`: the weight of the newest step in each replica's moving average of seconds
     /// per sample. A rank's speed on a shared machine moves in phases of tens to hundreds of steps,
     /// so the last few steps predict the next best: replaying the step times of side-by-side runs
-    /// (`trainer bench-lockstep`'s model, 4 LeNet-5 pairs) kept 94.5-96.7% of the pair at 0.1,
-    /// 95.1-97.4% at 0.3 and 95.2-97.6% at 0.5; 0.3 leaves a little smoothing for the noise.
+    /// (`trainer bench-lockstep`'s model, 4 LeNet-5 pairs) kept 93.2-95.7% of the pair at 0.1,
+    /// 94.7-96.6% at 0.3 and 94.8-96.8% at 0.5; 0.3 leaves a little smoothing for the noise.
     public static let balanceSmoothing = 0.3
 
     /// The most samples a replica takes with `parallel.balance`: 1.5x the even share, rounded up, and
@@ -302,7 +307,9 @@ public final class Trainer {
             slowest = max(slowest, perSample[r])
         }
         let even = Double(batch) / Double(replicas)
-        let lo = 0.5 * even, hi = 1.5 * even
+        // At least one sample each (so that every replica goes on measuring its speed): shares of at
+        // least 1 round to whole shares of at least 1.
+        let lo = max(1, 0.5 * even), hi = 1.5 * even
         // Replica r's share for scale k: k / perSample[r], held within [lo, hi]. The total grows
         // with k from replicas * lo (k = 0) to replicas * hi (k = hi * slowest), so batch lies between.
         func total(_ k: Double) -> Double {
@@ -366,11 +373,13 @@ public final class Trainer {
             try monitor.watch(.loss, step: step, count: count) { try replicaComm.allreduceSum(stats, count: count) }
             if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
             if balancing && m == config.batchSize && (0..<replicas).allSatisfy({ stats[6 + $0] > 0 }) {
-                // A moving average over the last few steps; the first step (warm caches) is skipped.
-                if step > 0 {
+                // A moving average over the last few steps; the first step of this process (cold
+                // caches, also after a resume) is skipped.
+                if balancedSteps > 0 {
                     let a = Self.balanceSmoothing
                     for q in 0..<replicas { perSample[q] = perSample[q] > 0 ? (1 - a) * perSample[q] + a * stats[6 + q] : stats[6 + q] }
                 }
+                balancedSteps += 1
                 Self.balancedCuts(batch: config.batchSize, perSample: perSample, replicas: replicas, into: cuts)
             }
         }
