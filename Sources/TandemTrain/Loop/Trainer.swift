@@ -1,7 +1,8 @@
 // The training loop every rank runs. Each rank holds a replica of the model; the global batch
 // (the config's batch size) is split over the replicas, evenly or (parallel.balance) in shares that
 // follow each replica's measured speed, every rank computing the same permutation and taking its
-// own slice, so the samples of each global step are exactly those a single process uses. Gradients are averaged through `GradientSync`; only rank 0 prints and writes.
+// own slice, so the samples of each global step are exactly those a single process uses.
+// Gradients are averaged through `GradientSync`; only rank 0 prints and writes.
 import CKernels
 import Foundation
 import TandemComm
@@ -226,8 +227,8 @@ public final class Trainer {
 
     /// Every rank must run the same experiment: compare the config hashes and the world layout.
     func checkSameConfig() throws {
-        // parallel.balance changes the per-step collective's size, not what is trained (so it is
-        // not in the hash that checkpoints carry): compared here on its own.
+        // parallel.balance changes the per-step collective's size, not what is trained (so that
+        // `--balance` is not in the hash that checkpoints carry): compared here on its own.
         var mine: [Int64] = [Int64(bitPattern: config.hash), Int64(config.batchSize), Int64(bitPattern: config.seed), config.parallel.balance ? 1 : 0]
         let k = mine.count
         var all = [Int64](repeating: 0, count: k * comm.size)
@@ -295,8 +296,8 @@ public final class Trainer {
     /// Share cuts of `batch` samples over replicas whose seconds per sample are `perSample` (0: not
     /// measured yet): each share proportional to its replica's speed, held within 0.5x and 1.5x of
     /// the even share, the held shares' difference spread over the others in proportion (the scale
-    /// found by bisection); `cuts[0] = 0`, `cuts[replicas] = batch`, each share at most the bound
-    /// plus one for rounding. The same inputs give the same cuts on every rank.
+    /// found by bisection); `cuts[0] = 0`, `cuts[replicas] = batch`, each share at least one sample
+    /// and at most the bound plus one for rounding. The same inputs give the same cuts on every rank.
     static func balancedCuts(batch: Int, perSample: UnsafePointer<Double>, replicas: Int, into cuts: UnsafeMutablePointer<Int>) {
         var slowest = 0.0
         for r in 0..<replicas {
