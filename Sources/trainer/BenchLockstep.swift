@@ -25,9 +25,9 @@ struct BenchLockstep: ParsableCommand {
             }
             let b = try LockstepBound(a: steps[0], b: steps[1])
             print(String(format: "%.2f s side by side at %.3f and %.3f ms per step, %.3f ms apart on average at the same moment; %d steps in lockstep would keep %.1f%% of the pair with even shares, %.1f%% with balanced shares",
-                         b.window, 1000 * b.meanA, 1000 * b.meanB, 1000 * b.meanDifference, b.pairedSteps, 100 * b.even, 100 * b.balanced))
+                         b.window, 1000 * b.meanA, 1000 * b.meanB, 1000 * b.meanDifference, b.lockstepSteps, 100 * b.even, 100 * b.balanced))
             if let json {
-                let o: [String: Any] = ["lockstep_steps": b.pairedSteps, "window_seconds": b.window, "mean_step_ms": [1000 * b.meanA, 1000 * b.meanB],
+                let o: [String: Any] = ["lockstep_steps": b.lockstepSteps, "window_seconds": b.window, "mean_step_ms": [1000 * b.meanA, 1000 * b.meanB],
                                         "mean_difference_ms": 1000 * b.meanDifference, "even": b.even, "balanced": b.balanced]
                 try writeAtomically(try JSONSerialization.data(withJSONObject: o, options: [.prettyPrinted, .sortedKeys]), to: json)
             }

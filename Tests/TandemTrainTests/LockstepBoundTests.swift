@@ -13,7 +13,7 @@ import Testing
 
     @Test func equalStepsLoseNothing() throws {
         let b = try LockstepBound(a: run(Array(repeating: 0.01, count: 50)), b: run(Array(repeating: 0.01, count: 50)))
-        #expect((49...50).contains(b.pairedSteps) && b.meanDifference == 0)
+        #expect((49...50).contains(b.lockstepSteps) && b.meanDifference == 0)
         #expect(abs(b.even - 1) < 1e-9 && abs(b.balanced - 1) < 1e-9)
     }
 
@@ -22,7 +22,7 @@ import Testing
         // balanced as parallel.balance: even shares for two steps (the first is not measured), then
         // shares 2/3 and 1/3, 4/3 s per step: 2 + 147 steps in 200 s.
         let b = try LockstepBound(a: run(Array(repeating: 1, count: 200)), b: run(Array(repeating: 2, count: 100)))
-        #expect(b.pairedSteps == 100 && abs(b.window - 200) < 1e-9 && b.meanA == 1 && b.meanB == 2)
+        #expect(b.lockstepSteps == 100 && abs(b.window - 200) < 1e-9 && b.meanA == 1 && b.meanB == 2)
         #expect(abs(b.even - 1 / 1.5) < 1e-12)
         #expect(abs(b.balanced - 2 * 149 / 200 / 1.5) < 1e-3, "\(b.balanced)")
     }

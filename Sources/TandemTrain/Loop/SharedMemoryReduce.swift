@@ -11,7 +11,8 @@
 //
 // Layout of the segment (POSIX shared memory, mapped by every rank of the replica group):
 //   flags: per rank, per bucket, three 64-bit step numbers, each on its own cache line:
-//     ready     the rank has copied this step's gradients of the bucket (but its own slice) into its slot
+//     ready     this step's gradients of the bucket are in the rank's slot (backward wrote them there,
+//               or, with a buffer of its own, all but its own slice were copied in)
 //     reduced   the rank has summed its slice of the bucket (in its own slot)
 //     gathered  the rank has copied every slice's sum out (it reads no slot of this bucket again)
 //   slots: per rank, the whole flat gradient buffer (parameterCount floats, 64-byte aligned). For

@@ -14,7 +14,7 @@ import Foundation
 
 public struct LockstepBound: Sendable, Equatable {
     /// Lockstep steps that fit in the window where both runs ran, and that window's length in seconds.
-    public var pairedSteps: Int
+    public var lockstepSteps: Int
     public var window: Double
     /// Each run's mean step time inside that window, in seconds.
     public var meanA: Double, meanB: Double
@@ -68,7 +68,7 @@ public struct LockstepBound: Sendable, Equatable {
         }
         let e = lockstep(balanced: false), bal = lockstep(balanced: true)
         guard e.steps >= 2 else { throw ConfigError("the two traces overlap for less than two steps: run the two benches side by side, started together") }
-        pairedSteps = e.steps
+        lockstepSteps = e.steps
         window = hi - lo
         meanDifference = e.difference
         even = 2 * Double(e.steps) / e.seconds / pair
