@@ -14,6 +14,8 @@ struct Bench: ParsableCommand {
     @Option(help: "Write the results as JSON to this file.") var json: String?
     @Flag(help: "Random images of the config's shape instead of the dataset.") var synthetic = false
     @Flag(help: "Size each replica's share of the batch to its measured speed (parallel.balance).") var balance = false
+    @Flag(help: "Replicas claim the batch's samples from a pool they share as they go (parallel.dynamic, one machine).") var dynamic = false
+    @Option(help: "With --dynamic, the largest chunk a replica claims (parallel.chunk).") var chunk: Int?
     @Flag(name: .customLong("per-layer"), help: "Print forward and backward time and GFLOP/s per layer.") var perLayer = false
     @Option(name: .customLong("gradient-sync"), help: "overlap (default: each bucket of gradients allreduced while backward runs) or after (one allreduce after backward).") var gradientSync: String = "overlap"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
@@ -28,6 +30,7 @@ struct Bench: ParsableCommand {
         if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
         if GradientSync.Transport(rawValue: transport) == nil { throw ValidationError("--transport must be auto or mpi, got \(transport)") }
         if bucketKB <= 0 { throw ValidationError("--bucket-kb must be positive, got \(bucketKB)") }
+        if let chunk, chunk <= 0 { throw ValidationError("--chunk must be positive, got \(chunk)") }
         for t in tag where !t.contains("=") { throw ValidationError("--tag must be key=value, got \(t)") }
     }
 
@@ -36,6 +39,8 @@ struct Bench: ParsableCommand {
             let comm = try makeWorld()
             var c = try common.load()
             if balance { c.parallel.balance = true }
+            if dynamic { c.parallel.dynamic = true }
+            if let chunk { c.parallel.chunk = chunk }
             let data = synthetic
                 ? try DataPipeline.synthetic(shape: c.input ?? Shape(1, 28, 28), classes: 10, train: max(4096, 4 * c.batchSize), test: 256, seed: c.seed)
                 : try DataPipeline(config: c.data)
@@ -108,6 +113,7 @@ struct Bench: ParsableCommand {
                       + (trainer.sync.transportName == "shared memory" ? String(format: " (gradients %.3f ms, %.3f ms of that for the slowest rank's backward; the loss sum the rest)", gradientWaitMs, slowestMs) : ""))
             }
             if trainer.balancing { print("balance: shares of the batch at the end " + trainer.shares.map(String.init).joined(separator: ", ")) }
+            if trainer.dynamic { print(String(format: "dynamic: chunks of %d to %d samples; each replica took ", trainer.chunkBounds.min, trainer.chunkBounds.max) + trainer.shares.map(String.init).joined(separator: ", ") + " samples per step on average") }
             if comm.size > 1 {
                 print("per rank (ms per step): " + perRank.enumerated().map { r, v in
                     String(format: "rank %d forward %.3f backward %.3f wait %.3f (gradients %.3f, slowest rank %.3f)", r, v[1], v[2], v[3], v[7], v[6]) }.joined(separator: "; "))
@@ -133,7 +139,7 @@ struct Bench: ParsableCommand {
                     "config": c.source, "images_per_second": images / elapsed, "world_size": comm.size, "threads": trainer.threads,
                     "batch_size": c.batchSize, "steps": steps, "warmup": warmup, "phases_ms": phases,
                     "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": trainer.sync.mode.rawValue, "bucket_kb": bucketKB,
-                    "transport": trainer.sync.transportName, "balance": trainer.balancing, "shares": trainer.shares, "wait_for_slowest_rank_ms": slowestMs, "gradient_wait_ms": gradientWaitMs,
+                    "transport": trainer.sync.transportName, "balance": trainer.balancing, "dynamic": trainer.dynamic, "shares": trainer.shares, "wait_for_slowest_rank_ms": slowestMs, "gradient_wait_ms": gradientWaitMs,
                     "allreduce_ms": allreduceMs, "buckets": trainer.sync.buckets.count,
                     "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,
                     "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,

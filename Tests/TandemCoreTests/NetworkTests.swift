@@ -121,6 +121,50 @@ private let mnist = Shape(1, 28, 28)
         let e = worstTensorError(whole.gradients, sum, graph.parameters)
         #expect(e.error < 1e-12, "\(e)")
     }
+
+    /// parallel.dynamic's pass in chunks: `trainForward` and `trainBackward` over chunks of a batch
+    /// (each keyed by its global offset, so dropout draws the same masks) add up to `trainStep` on
+    /// the whole batch, on one part and on two, and the observer hears of the gradients only in the
+    /// last chunk's backward.
+    @Test(arguments: [1, 2])
+    func chunksAddUpToTheWholeBatch(parts: Int) throws {
+        final class Watcher: GradientObserver {
+            var reports = 0, reportsBeforeLast = 0
+            func gradientsReady(from offset: Int) { reports += 1 }
+        }
+        let input = Shape(1, 12, 12)
+        let layers = Models.alexnet(width: 2, hidden: 16, dropout: 0.5)
+        let graph = try Graph(input: input, layers: layers)
+        let batch = 7
+        let whole = try trainOnce(Double.self, input: input, layers, batch: batch, parts: 1, step: 5)
+        let net = Network<Double>(graph: graph, capacity: 3, parts: parts)
+        net.seed = 31
+        Initializer.initialize(net, scheme: .xavier, seed: 31)
+        let watcher = Watcher()
+        net.observer = watcher
+        var rng = SeededGenerator(seed: 32)
+        let x = (0..<(batch * input.count)).map { _ in rng.uniform() * 2 - 1 }
+        let labels = (0..<batch).map { _ in Int32(rng.below(10)) }
+        var loss = 0.0, correct = 0
+        // Stale values from an earlier step must not survive the first chunk's zeroing.
+        for i in 0..<graph.parameterCount { net.gradients[i] = 1 }
+        let chunks = [0..<3, 3..<4, 4..<7]
+        for (k, chunk) in chunks.enumerated() {
+            net.input.update(from: Array(x[(chunk.lowerBound * input.count)..<(chunk.upperBound * input.count)]), count: chunk.count * input.count)
+            for (j, b) in chunk.enumerated() { net.labels[j] = labels[b] }
+            net.globalOffset = chunk.lowerBound
+            let r = net.trainForward(count: chunk.count, lossScale: 1 / Double(batch), step: 5, accumulate: k > 0)
+            loss += r.loss
+            correct += r.correct
+            let last = k == chunks.count - 1
+            if last { watcher.reportsBeforeLast = watcher.reports }
+            net.trainBackward(count: chunk.count, step: 5, last: last)
+        }
+        #expect(watcher.reportsBeforeLast == 0 && watcher.reports > 0)
+        #expect(abs(loss - whole.loss) < 1e-12 * abs(whole.loss) && correct == whole.correct)
+        let e = worstTensorError(whole.gradients, Array(net.gradients), graph.parameters)
+        #expect(e.error < 1e-12, "\(e)")
+    }
 }
 
 // MARK: - Dropout

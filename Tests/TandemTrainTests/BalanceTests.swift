@@ -90,7 +90,7 @@ import TandemCore
                 _ = try Trainer(config: mine, comm: comm, data: try syntheticData(), options: o)
             }
         } throws: { error in
-            "\(error)".contains("rank 1 runs a different config than rank 0 (config hash, batch size, seed or parallel.balance differ)")
+            "\(error)".contains("rank 1 runs a different config than rank 0 (config hash, batch size, seed, parallel.balance, parallel.dynamic or parallel.chunk differ)")
         }
     }
 

@@ -150,6 +150,23 @@ struct MPITests {
         #expect(try summary(one)["shares"] == nil)
     }
 
+    @Test func dynamicRanksMatchOneProcessAndTheSlowRankTakesLess() throws {
+        // Rank 1 sleeps 300 us per sample after each chunk: with --dynamic rank 0 claims more of
+        // each batch from the shared pool, and the steps still train what one process trains.
+        let cfg = try smallConfig()
+        let one = temporaryFolder(), many = temporaryFolder()
+        let a = try run(trainerBinary, ["--config", cfg, "--out", one, "--quiet"])
+        let b = try run("/usr/bin/env", ["TANDEM_TEST_SLOW_RANK=1", "TANDEM_TEST_SLOW_US=300", mpirunPath!, "--allow-run-as-root", "--oversubscribe",
+                                         "--bind-to", "none", "-x", "TANDEM_TEST_SLOW_RANK", "-x", "TANDEM_TEST_SLOW_US", "-np", "2", trainerBinary,
+                                         "--config", cfg, "--out", many, "--quiet", "--dynamic", "--chunk", "8"], timeout: 180)
+        #expect(a.status == 0 && b.status == 0, "\(a.error)\(b.error)")
+        let la = try stepLosses(one), lb = try stepLosses(many)
+        #expect(la.count == 12 && lb.count == 12)
+        for (x, y) in zip(la, lb) { #expect(abs(x - y) <= 2e-4 * abs(x), "losses \(la) vs \(lb)") }
+        let shares = try #require(try summary(many)["shares"] as? [Int])
+        #expect(shares.count == 2 && abs(shares[0] + shares[1] - 64) <= 1 && shares[0] > shares[1], "shares \(shares)")
+    }
+
     @Test func worldSizeThatDoesNotFitEndsEveryRankWithOneLine() throws {
         let cfg = try smallConfig(batch: 30)
         let r = try mpirun(4, ["--config", cfg, "--out", temporaryFolder()], timeout: 60)

@@ -104,6 +104,30 @@ void tandem_sum_sources_f32(float *dst, const float *const *src, long nsrc, long
 // with acquire and stores with release ordering, and the spin-wait hint.
 static inline uint64_t tandem_load_acquire_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void tandem_store_release_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+/// parallel.dynamic's claim of samples from a pool shared by the ranks of one machine. `*counter` holds
+/// (tag << 32) | next: the step `tag` and the first of its `batch` samples nobody has claimed; a counter
+/// still tagged with an earlier step reads as next = 0 (the first claim of a step resets it, and by
+/// then every rank has made its last claim of the earlier step). Takes ceil(left / (2 * ranks))
+/// samples, held within [min_chunk, max_chunk] and to what is left (guided self-scheduling: large
+/// claims while much is left, small ones at the end), with a compare-and-swap. Returns the claim's
+/// size (its first sample in *first), or 0 when the step's samples are all claimed.
+static inline long tandem_claim_samples(uint64_t *counter, uint32_t tag, long batch, long ranks, long min_chunk, long max_chunk, long *first) {
+    uint64_t old = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
+    for (;;) {
+        long next = (uint32_t)(old >> 32) == tag ? (long)(old & 0xffffffffu) : 0;
+        long left = batch - next;
+        if (left <= 0) return 0;
+        long size = (left + 2 * ranks - 1) / (2 * ranks);
+        if (size > max_chunk) size = max_chunk;
+        if (size < min_chunk) size = min_chunk;
+        if (size > left) size = left;
+        uint64_t claimed = ((uint64_t)tag << 32) | (uint64_t)(next + size);
+        if (__atomic_compare_exchange_n(counter, &old, claimed, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            *first = next;
+            return size;
+        }
+    }
+}
 static inline void tandem_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();

@@ -80,8 +80,13 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     private var owned: [UnsafeMutableRawPointer] = []
 
     // The current command, read by every part.
-    private enum Command { case forward, train, backward }
+    private enum Command { case forward, train, trainForward, backward }
     private var command = Command.forward
+    /// `trainForward`: whether the pass adds to the gradients earlier chunks of the step left
+    /// (part 0 writes the main buffer, which it does not zero then; the other parts zero theirs).
+    private var accumulating = false
+    /// `backward`: whether it tells the observer which gradients are final (a step's last chunk).
+    private var reporting = true
     private var current = PassContext(start: 0, count: 0, batch: 0, training: false)
     private var lossScale: T = 1
     private let partLoss: UnsafeMutablePointer<Double>
@@ -227,6 +232,40 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         return (total, correct)
     }
 
+    /// A training pass in chunks (parallel.dynamic): the forward and loss of one chunk of the step's
+    /// samples, scaled by `lossScale` like `trainStep`'s. The step's first chunk (`accumulate`
+    /// false) zeroes the gradients; later ones add to them. Follow it with `trainBackward`.
+    public func trainForward(count: Int, lossScale: Double, step: Int, accumulate: Bool) -> (loss: Double, correct: Int) {
+        if !accumulate {
+            observer?.willWriteGradients()
+            if parts == 1 { zeroGradients() }
+        }
+        accumulating = accumulate
+        self.lossScale = T(lossScale)
+        start(.trainForward, count: count, training: true, step: step, updateStatistics: true)
+        var total = 0.0, correct = 0
+        for p in 0..<parts { total += partLoss[p]; correct += partCorrect[p] }
+        return (total, correct)
+    }
+
+    /// The backward of the chunk `trainForward` ran, adding into the gradients. `last`: the step's
+    /// last chunk on this rank, whose backward tells the observer as each gradient becomes final;
+    /// the earlier chunks' tell it nothing.
+    public func trainBackward(count: Int, step: Int, last: Bool) {
+        reporting = last
+        start(.backward, count: count, training: true, step: step, updateStatistics: false)
+        reporting = true
+        if last { finishGradients() }
+    }
+
+    /// A step in which this replica computes no sample (parallel.dynamic, where the others claimed
+    /// them all): zero gradients, reported final.
+    public func contributeNothing() {
+        observer?.willWriteGradients()
+        zeroGradients()
+        finishGradients()
+    }
+
     /// Evaluation on `count` samples: forward in evaluation mode and the loss.
     public func evaluate(count: Int) -> (loss: Double, correct: Int) {
         forward(count: count, training: false, updateStatistics: false)
@@ -283,10 +322,12 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         let timed = p == 0 ? profile : nil
         let timer = p == 0 ? layerTimer : nil
         let clocked = timed != nil || timer != nil
-        if command == .train && parts > 1 {
+        // With several parts each zeroes its own buffer; in a later chunk of a step part 0's (the
+        // main buffer) keeps what the step's earlier chunks added, and the others' sums go into it.
+        if parts > 1 && (command == .train || (command == .trainForward && (p > 0 || !accumulating))) {
             UnsafeMutableRawPointer(partGradients[p]).initializeMemory(as: UInt8.self, repeating: 0, count: graph.parameterCount * MemoryLayout<T>.stride)
         }
-        if command == .forward || command == .train {
+        if command == .forward || command == .train || command == .trainForward {
             for layer in row where c.count > 0 || layer.reducesAcrossParts {
                 if clocked {
                     let t0 = monotonicSeconds()
@@ -299,14 +340,14 @@ public final class Network<T: Scalar>: @unchecked Sendable {
                 }
             }
         }
-        if command == .train {
+        if command == .train || command == .trainForward {
             let off = c.start * graph.outputShape.count
             let r = lossFunction(output + off, outputGradient + off, labels + c.start, c.count, lossScale)
             partLoss[p] = r.loss
             partCorrect[p] = r.correct
         }
         if command == .backward || command == .train {
-            let reportEarly = parts == 1 && observer != nil
+            let reportEarly = parts == 1 && observer != nil && reporting
             for i in stride(from: row.count - 1, through: 0, by: -1) {
                 let layer = row[i]
                 let node = i + 1

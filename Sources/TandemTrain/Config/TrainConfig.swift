@@ -51,6 +51,20 @@ public struct ParallelConfig: Sendable, Equatable {
     /// Data parallel: each replica's share of the global batch follows its measured speed (faster
     /// ranks take more samples, 0.5x to 1.5x the even share), so that no rank waits for a slower one.
     public var balance: Bool = false
+    /// Data parallel on one machine: the replicas claim the samples of each global batch from a pool
+    /// they share as they go, in chunks that shrink towards the end of the step (guided
+    /// self-scheduling), so that they finish a step within a small chunk of one another whatever
+    /// their speeds do during it.
+    public var dynamic: Bool = false
+    /// parallel.dynamic: the largest chunk a replica claims (0: half the even share, at least 1); the
+    /// smallest is an eighth of it (at least 1). The network is sized for one chunk.
+    public var chunk: Int = 0
+
+    /// parallel.dynamic's largest and smallest chunk for this global batch and number of replicas.
+    public func chunkBounds(batch: Int, replicas: Int) -> (min: Int, max: Int) {
+        let largest = chunk > 0 ? min(chunk, batch) : max(1, batch / replicas / 2)
+        return (max(1, largest / 8), largest)
+    }
 }
 
 public struct TrainConfig: Sendable {
@@ -288,13 +302,15 @@ extension TrainConfig {
     }
 
     static func parseParallel(_ v: YAMLValue, into c: inout TrainConfig) throws {
-        let f = try v.fields(["threads", "sync_bn", "towers", "collective_timeout_seconds", "balance"])
+        let f = try v.fields(["threads", "sync_bn", "towers", "collective_timeout_seconds", "balance", "dynamic", "chunk"])
         if let x = f["threads"] {
             if case let .scalar(s) = x.node, s.string == "auto" { c.parallel.threads = 0 } else { c.parallel.threads = try x.positiveInt() }
         }
         if let x = f["sync_bn"] { c.parallel.syncBN = try x.bool() }
         if let x = f["towers"] { c.parallel.towers = try x.positiveInt() }
         if let x = f["balance"] { c.parallel.balance = try x.bool() }
+        if let x = f["dynamic"] { c.parallel.dynamic = try x.bool() }
+        if let x = f["chunk"] { c.parallel.chunk = try x.positiveInt() }
         if let x = f["collective_timeout_seconds"] {
             let t = try x.double()
             guard t >= 0 && t.isFinite else { throw x.error("expected seconds >= 0 (0: off), got \(t)") }

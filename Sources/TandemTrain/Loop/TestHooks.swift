@@ -7,13 +7,18 @@
 //                               TANDEM_TEST_DIVERGE_STEP (default 1) (the divergence test).
 //   TANDEM_TEST_SLOW_RANK=r     world rank r computes slower: after each step's forward and backward
 //                               it sleeps TANDEM_TEST_SLOW_US (default 50) microseconds per sample of
-//                               its share (the parallel.balance tests).
+//                               its share (the parallel.balance tests); with parallel.dynamic after
+//                               each chunk, for the chunk's samples.
+//   TANDEM_TEST_LATE_RANK=r     world rank r sleeps TANDEM_TEST_LATE_US (default 50000) microseconds at
+//                               the start of every step, before its first claim (parallel.dynamic: the
+//                               others claim every sample, and it computes none).
 import Foundation
 
 struct TestHooks {
     var hangRank = -1, hangStep = 1
     var divergeRank = -1, divergeStep = 1
     var slowRank = -1, slowMicrosPerSample = 50
+    var lateRank = -1, lateMicros = 50_000
 
     init(environment: [String: String] = ProcessInfo.processInfo.environment) {
         func int(_ key: String) -> Int? { environment[key].flatMap { Int($0) } }
@@ -23,5 +28,7 @@ struct TestHooks {
         divergeStep = int("TANDEM_TEST_DIVERGE_STEP") ?? 1
         slowRank = int("TANDEM_TEST_SLOW_RANK") ?? -1
         slowMicrosPerSample = int("TANDEM_TEST_SLOW_US") ?? 50
+        lateRank = int("TANDEM_TEST_LATE_RANK") ?? -1
+        lateMicros = int("TANDEM_TEST_LATE_US") ?? 50_000
     }
 }

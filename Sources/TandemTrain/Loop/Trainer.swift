@@ -1,7 +1,9 @@
 // The training loop every rank runs. Each rank holds a replica of the model; the global batch
 // (the config's batch size) is split over the replicas, evenly or (parallel.balance) in shares that
 // follow each replica's measured speed, every rank computing the same permutation and taking its
-// own slice, so the samples of each global step are exactly those a single process uses.
+// own slice, so the samples of each global step are exactly those a single process uses. With
+// parallel.dynamic the replicas instead claim chunks of the global batch from a pool in shared
+// memory as they go (the same samples, whoever computes them).
 // Gradients are averaged through `GradientSync`; only rank 0 prints and writes.
 import CKernels
 import Foundation
@@ -93,6 +95,17 @@ public final class Trainer {
     public let balancing: Bool
     /// Full global batches whose speeds this process has measured (the first is not averaged in).
     private var balancedSteps = 0
+    /// Whether the replicas claim their samples from a shared pool (parallel.dynamic with more than
+    /// one replica).
+    public let dynamic: Bool
+    /// parallel.dynamic: the pool's counter (see `tandem_claim_samples`) in memory the replica group
+    /// shares, this process's step tag, the chunks' bounds, and per replica the samples it took in
+    /// the full global batches so far (summed over `dynamicSteps` of them).
+    private var pool: SharedSegment?
+    private var poolTag: UInt32 = 0
+    public let chunkBounds: (min: Int, max: Int)
+    private let samplesTaken: UnsafeMutablePointer<Double>
+    private var dynamicSteps = 0
     var isRoot: Bool { comm.rank == 0 }
     /// The checkpoint `run()` resumed from (its path on rank 0, "" on other ranks) and its step.
     public private(set) var resumedFrom: (path: String, step: Int)?
@@ -123,6 +136,10 @@ public final class Trainer {
         threads = wanted > 1 ? 1 : min(config.parallel.threads > 0 ? config.parallel.threads : auto, max(1, config.batchSize / replicas))
         BLAS.setThreads(1)
         balancing = config.parallel.balance && replicas > 1
+        dynamic = config.parallel.dynamic && replicas > 1
+        chunkBounds = config.parallel.chunkBounds(batch: config.batchSize, replicas: replicas)
+        samplesTaken = .allocate(capacity: replicas)
+        samplesTaken.initialize(repeating: 0, count: replicas)
         stepStatistics = .allocate(capacity: 6 + replicas)
         perSample = .allocate(capacity: replicas)
         perSample.initialize(repeating: 0, count: replicas)
@@ -130,13 +147,17 @@ public final class Trainer {
         for r in 0...replicas { cuts[r] = config.batchSize * r / replicas }
         // The sync first: through shared memory the network's gradients live in this rank's slot.
         sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport)
-        net = Network(graph: graph, capacity: balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas,
+        let capacity = dynamic ? chunkBounds.max : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
+        net = Network(graph: graph, capacity: capacity,
                       parts: threads, loss: config.loss, exchange: exchange, gradients: sync.gradients.baseAddress!, gradientsOwner: sync)
         net.seed = config.seed
         sgd = SGD(graph: graph, settings: config.sgd)
         if let note = sync.note, comm.rank == 0 { fputs("tandem: \(note)\n", stderr) }
         if balancing && !config.parallel.syncBN && graph.nodes.contains(where: { if case .batchNorm? = $0.kind { return true } else { return false } }) && comm.rank == 0 && !options.quiet {
             fputs("tandem: parallel.balance with batch norm and without parallel.sync_bn: each replica normalises over a share whose size follows the ranks' timing, so runs differ from one another and from one process; set sync_bn: true for the same statistics as one process\n", stderr)
+        }
+        if dynamic && graph.nodes.contains(where: { if case .batchNorm? = $0.kind { return true } else { return false } }) && comm.rank == 0 && !options.quiet {
+            fputs("tandem: parallel.dynamic with batch norm: each chunk (\(chunkBounds.min) to \(chunkBounds.max) samples) is normalised over its own samples (ghost batches), so runs differ from one another and from one process\n", stderr)
         }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
@@ -149,6 +170,15 @@ public final class Trainer {
             }
         }
         try checkSameConfig()
+        if dynamic {
+            // One cache line that every replica maps (all on one machine), after the config check,
+            // so that every rank gets here.
+            switch try SharedSegment.make(comm: replicaComm, bytes: 64) {
+            case .success(let segment): pool = segment
+            case .failure(let reason):
+                throw TrainingError("parallel.dynamic: the replicas claim their samples through memory they share, and \(reason); use parallel.balance across machines")
+            }
+        }
         // Rank 0 initialises (or loads --init-weights) the whole model and broadcasts it; each
         // rank keeps its tower's slices.
         var parameters = [Float](repeating: 0, count: plan.global.parameterCount)
@@ -193,6 +223,17 @@ public final class Trainer {
         if config.parallel.balance && wanted > 1 {
             throw ConfigError("\(config.source): parallel.balance sizes the replicas' shares of the batch and needs parallel.towers 1 (the towers of a replica share its samples), got towers \(wanted)")
         }
+        if config.parallel.dynamic {
+            if wanted > 1 {
+                throw ConfigError("\(config.source): parallel.dynamic lets each replica claim its samples and needs parallel.towers 1 (the towers of a replica share its samples), got towers \(wanted)")
+            }
+            if config.parallel.balance {
+                throw ConfigError("\(config.source): parallel.dynamic and parallel.balance are two ways of sizing the replicas' shares: set one of them")
+            }
+            if config.parallel.syncBN && replicas > 1 {
+                throw ConfigError("\(config.source): parallel.dynamic with parallel.sync_bn: the replicas take different numbers of chunks, and sync_bn needs every rank in each batch norm layer's allreduce; set one of them")
+            }
+        }
         guard config.batchSize % replicas == 0 else {
             throw ConfigError("\(config.source): train.batch_size \(config.batchSize) is not divisible by the \(replicas) replicas (the batch size is the global batch; each replica takes batch/\(replicas))")
         }
@@ -223,20 +264,22 @@ public final class Trainer {
         return whole
     }
 
-    deinit { stepStatistics.deallocate(); perSample.deallocate(); cuts.deallocate() }
+    deinit { stepStatistics.deallocate(); perSample.deallocate(); cuts.deallocate(); samplesTaken.deallocate() }
 
     /// Every rank must run the same experiment: compare the config hashes and the world layout.
     func checkSameConfig() throws {
-        // parallel.balance changes the per-step collective's size, not what is trained (so that
-        // `--balance` is not in the hash that checkpoints carry): compared here on its own.
-        var mine: [Int64] = [Int64(bitPattern: config.hash), Int64(config.batchSize), Int64(bitPattern: config.seed), config.parallel.balance ? 1 : 0]
+        // parallel.balance and parallel.dynamic change the per-step collective's size and how the
+        // ranks meet, not what is trained (so that `--balance` and `--dynamic` are not in the hash
+        // that checkpoints carry): compared here on their own.
+        var mine: [Int64] = [Int64(bitPattern: config.hash), Int64(config.batchSize), Int64(bitPattern: config.seed), config.parallel.balance ? 1 : 0,
+                             config.parallel.dynamic ? 1 : 0, Int64(config.parallel.chunk)]
         let k = mine.count
         var all = [Int64](repeating: 0, count: k * comm.size)
         try mine.withUnsafeMutableBytes { m in
             try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: 8 * k, into: a.baseAddress!) }
         }
         for r in 0..<comm.size where (0..<k).contains(where: { all[k * r + $0] != all[$0] }) {
-            throw TrainingError("rank \(r) runs a different config than rank 0 (config hash, batch size, seed or parallel.balance differ): start every rank with the same config and options")
+            throw TrainingError("rank \(r) runs a different config than rank 0 (config hash, batch size, seed, parallel.balance, parallel.dynamic or parallel.chunk differ): start every rank with the same config and options")
         }
         mine.removeAll()
     }
@@ -279,8 +322,15 @@ public final class Trainer {
         return (m * replica / replicas)..<(m * (replica + 1) / replicas)
     }
 
-    /// Each replica's share of a full global batch at this point (even without `parallel.balance`).
-    public var shares: [Int] { (0..<replicas).map { balancing ? cuts[$0 + 1] - cuts[$0] : config.batchSize / replicas } }
+    /// Each replica's share of a full global batch: at this point with `parallel.balance`, the mean
+    /// over the full batches so far (rounded) with `parallel.dynamic`, else the even share.
+    public var shares: [Int] {
+        (0..<replicas).map { r in
+            if balancing { return cuts[r + 1] - cuts[r] }
+            if dynamic && dynamicSteps > 0 { return Int((samplesTaken[r] / Double(dynamicSteps)).rounded()) }
+            return config.batchSize / replicas
+        }
+    }
 
     /// `parallel.balance`: the weight of the newest step in each replica's moving average of seconds
     /// per sample. A rank's speed on a shared machine moves in phases of tens to hundreds of steps,
@@ -334,20 +384,42 @@ public final class Trainer {
     /// One optimiser step on global positions [start, start + m) of the epoch's order. Returns the
     /// global mean loss and the correct count over the global batch.
     public func step(epoch: Int, start: Int, globalCount m: Int, step: Int, lr: Double, timing: StepTiming? = nil) throws -> (loss: Double, correct: Int) {
-        let mine = share(of: m)
         var t0 = Clock.now
         let stepStart = t0
         trace?.step = step
-        data.loadTrain((start + mine.lowerBound)..<(start + mine.upperBound), epoch: epoch, seed: config.seed, input: net.input, labels: net.labels)
-        net.globalOffset = mine.lowerBound
-        if let trace { trace.record(trace.dataName, start: stepStart, end: Clock.now) }
-        if let timing { let t = Clock.now; timing.data += t - t0; t0 = t }
         currentStep = step
-        let computeStart = Clock.now
-        let r = net.trainStep(count: mine.count, lossScale: 1 / Double(m), step: step)
-        if comm.rank == hooks.slowRank { usleep(UInt32(hooks.slowMicrosPerSample * mine.count)) }
-        let computeSeconds = Clock.now - computeStart
-        if let timing { let t = Clock.now; timing.compute += t - t0; t0 = t }
+        // This rank's summed loss and correct count, the samples it computed, and how many of
+        // them the network's activations hold (for the NaN report).
+        let r: (loss: Double, correct: Int)
+        let taken: Int, resident: Int
+        var computeSeconds = 0.0
+        if dynamic {
+            var loss = 0.0, correct = 0, last = 0, total = 0
+            claimChunks(epoch: epoch, start: start, globalCount: m, step: step, timing: timing) { chunk, seconds in
+                loss += chunk.loss
+                correct += chunk.correct
+                total += chunk.count
+                last = chunk.count
+                computeSeconds += seconds
+            }
+            r = (loss, correct)
+            taken = total
+            resident = last
+            t0 = Clock.now
+        } else {
+            let mine = share(of: m)
+            data.loadTrain((start + mine.lowerBound)..<(start + mine.upperBound), epoch: epoch, seed: config.seed, input: net.input, labels: net.labels)
+            net.globalOffset = mine.lowerBound
+            if let trace { trace.record(trace.dataName, start: stepStart, end: Clock.now) }
+            if let timing { let t = Clock.now; timing.data += t - t0; t0 = t }
+            let computeStart = Clock.now
+            r = net.trainStep(count: mine.count, lossScale: 1 / Double(m), step: step)
+            if comm.rank == hooks.slowRank { usleep(UInt32(hooks.slowMicrosPerSample * mine.count)) }
+            computeSeconds = Clock.now - computeStart
+            if let timing { let t = Clock.now; timing.compute += t - t0; t0 = t }
+            taken = mine.count
+            resident = mine.count
+        }
         if step == hooks.hangStep && comm.rank == hooks.hangRank {
             // Test-only: this rank stops calling collectives, as a stuck rank would.
             while true { sleep(3600) }
@@ -365,14 +437,23 @@ public final class Trainer {
         stats[1] = Double(r.correct)
         if replicas > 1 {
             monitor.writeCheckSlots(stats + 2)
-            // With balance, each replica's seconds per sample rides along (zero in the others' slots).
-            let count = balancing ? 6 + replicas : 6
+            // With balance, each replica's seconds per sample rides along (zero in the others' slots);
+            // with dynamic shares, the samples each took.
+            let count = balancing || dynamic ? 6 + replicas : 6
             if balancing {
                 (stats + 6).update(repeating: 0, count: replicas)
-                if mine.count > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(mine.count) }
+                if taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
+            }
+            if dynamic {
+                (stats + 6).update(repeating: 0, count: replicas)
+                stats[6 + replica] = Double(taken)
             }
             try monitor.watch(.loss, step: step, count: count) { try replicaComm.allreduceSum(stats, count: count) }
             if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
+            if dynamic && m == config.batchSize {
+                for q in 0..<replicas { samplesTaken[q] += stats[6 + q] }
+                dynamicSteps += 1
+            }
             if balancing && m == config.batchSize && (0..<replicas).allSatisfy({ stats[6 + $0] > 0 }) {
                 // A moving average over the last few steps; the first step of this process (cold
                 // caches, also after a resume) is skipped.
@@ -386,12 +467,12 @@ public final class Trainer {
         }
         if let timing { let t = Clock.now; timing.allreduce += t - t0; t0 = t }
         guard stats[0].isFinite else {
-            throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf)\(firstNonFinite(count: mine.count).map { "; it first appeared in \($0)" } ?? ""); lower the learning rate, or run `trainer debug` for every layer's statistics")
+            throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf)\(firstNonFinite(count: resident).map { "; it first appeared in \($0)" } ?? ""); lower the learning rate, or run `trainer debug` for every layer's statistics")
         }
         // Gradients are the same on every replica after the allreduce, so every rank stops together.
         if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0, let i = net.gradients.firstIndex(where: { !$0.isFinite }) {
             let tensor = graph.parameters.first { $0.offset <= i && i < $0.offset + $0.count }?.name ?? "?"
-            throw TrainingError("step \(step): the gradient of '\(tensor)' holds NaN or Inf\(firstNonFinite(count: mine.count).map { "; the activations first went bad in \($0)" } ?? ""); lower the learning rate, or run `trainer debug`")
+            throw TrainingError("step \(step): the gradient of '\(tensor)' holds NaN or Inf\(firstNonFinite(count: resident).map { "; the activations first went bad in \($0)" } ?? ""); lower the learning rate, or run `trainer debug`")
         }
         let optimizerStart = trace != nil ? Clock.now : 0
         sgd.step(parameters: net.parameters, gradients: net.gradients, lr: lr)
@@ -402,6 +483,48 @@ public final class Trainer {
             trace.record(trace.stepName, start: stepStart, end: t)
         }
         return (stats[0] / Double(m), Int(stats[1]))
+    }
+
+    /// parallel.dynamic: this rank's part of one optimiser step on global positions [start, start + m):
+    /// claims chunks from the pool the replicas share until none is left, loading, forwarding and
+    /// backpropagating each (the gradients add up over the chunks) and handing each to `took` with
+    /// its compute seconds. The claim of the next chunk comes before a chunk's backward, so that the
+    /// last chunk's backward knows it is the last and posts the gradient buckets as it goes (overlap);
+    /// a rank that gets no chunk posts zero gradients. Every claim of a step comes before the rank's
+    /// gradient sync, which every rank finishes before any starts the next step's claims.
+    private func claimChunks(epoch: Int, start: Int, globalCount m: Int, step: Int, timing: StepTiming?,
+                             took: (_ chunk: (loss: Double, correct: Int, count: Int), _ seconds: Double) -> Void) {
+        let counter = pool!.base.assumingMemoryBound(to: UInt64.self)
+        poolTag &+= 1
+        if poolTag == 0 { poolTag = 1 }   // 0 is the fresh segment's tag
+        let bounds = chunkBounds
+        var first = 0
+        func claim() -> Int { tandem_claim_samples(counter, poolTag, m, replicas, bounds.min, bounds.max, &first) }
+        if comm.rank == hooks.lateRank { usleep(UInt32(hooks.lateMicros)) }
+        var size = claim()
+        if size == 0 {
+            net.contributeNothing()
+            return
+        }
+        var accumulate = false
+        while size > 0 {
+            let lo = first, n = size
+            var t0 = Clock.now
+            data.loadTrain((start + lo)..<(start + lo + n), epoch: epoch, seed: config.seed, input: net.input, labels: net.labels)
+            net.globalOffset = lo
+            let t1 = Clock.now
+            if let trace { trace.record(trace.dataName, start: t0, end: t1) }
+            timing?.data += t1 - t0
+            t0 = t1
+            let r = net.trainForward(count: n, lossScale: 1 / Double(m), step: step, accumulate: accumulate)
+            accumulate = true
+            size = claim()
+            net.trainBackward(count: n, step: step, last: size == 0)
+            if comm.rank == hooks.slowRank { usleep(UInt32(hooks.slowMicrosPerSample * n)) }
+            let t2 = Clock.now
+            timing?.compute += t2 - t0
+            took((r.loss, r.correct, n), t2 - t0)
+        }
     }
 
     /// Every rank of `replicaComm` saw different fingerprints in the loss allreduce: gathers them
@@ -578,9 +701,10 @@ public final class Trainer {
                                  images_per_second: Double(samplesDone) / max(trainSeconds, 1e-9),
                                  train_seconds: trainSeconds, wall_seconds: Clock.now - wallStart, world_size: comm.size, threads: threads,
                                  batch_size: config.batchSize, param_norm: try parameterNorm(), parameters: plan.global.parameterCount, seed: config.seed,
-                                 seconds_to_90: secondsTo90, shares: balancing ? shares : nil)
+                                 seconds_to_90: secondsTo90, shares: balancing || dynamic ? shares : nil)
         if isRoot {
             if balancing { say("tandem: balance: the replicas' shares of the batch at the end " + shares.map(String.init).joined(separator: ", ")) }
+            if dynamic { say("tandem: dynamic: the samples each replica took per step, on average " + shares.map(String.init).joined(separator: ", ")) }
             try summary.write(to: out + "/summary.json")
             if let extra = options.summaryJSON { try summary.write(to: extra) }
             if let metrics { try writeCurves(metrics.rows, to: out + "/curves.svg", epochs: summary.epochs) }

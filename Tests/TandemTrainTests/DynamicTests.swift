@@ -1,0 +1,196 @@
+// parallel.dynamic: the replicas claim the samples of each global batch from a pool they share,
+// in chunks that shrink towards the end of the step. The claims decide which rank computes which
+// samples, never which samples a step trains, so a dynamic run trains what one process trains (to
+// the rounding of the sums' order).
+import CKernels
+import Dispatch
+import Foundation
+import Testing
+import TandemComm
+import TandemCore
+@testable import TandemTrain
+
+@Suite struct DynamicTests {
+    /// Claims of one step, one rank after the other in `order` (rank indices, repeated), until the
+    /// pool is empty: [(rank, first, size)].
+    func claims(counter: UnsafeMutablePointer<UInt64>, tag: UInt32, batch: Int, ranks: Int, bounds: (min: Int, max: Int), order: [Int]) -> [(Int, Int, Int)] {
+        var out: [(Int, Int, Int)] = []
+        var first = 0
+        for r in order {
+            let n = tandem_claim_samples(counter, tag, batch, ranks, bounds.min, bounds.max, &first)
+            if n == 0 { break }
+            out.append((r, first, n))
+        }
+        return out
+    }
+
+    @Test func claimsCoverTheBatchInShrinkingChunksAndANewStepStartsAfresh() {
+        let counter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
+        defer { counter.deallocate() }
+        counter.initialize(to: 0)
+        // 128 samples, 2 ranks, chunks of 4 to 32: ceil(left / 4) held within the bounds.
+        let c = claims(counter: counter, tag: 1, batch: 128, ranks: 2, bounds: (4, 32), order: Array(repeating: [0, 1], count: 40).flatMap { $0 })
+        #expect(c.map(\.2) == [32, 24, 18, 14, 10, 8, 6, 4, 4, 4, 4])
+        #expect(c.map(\.1) == [0, 32, 56, 74, 88, 98, 106, 112, 116, 120, 124])
+        // The pool is empty for this step; a claim of the next step (tag 2) starts at 0 again.
+        var first = -1
+        #expect(tandem_claim_samples(counter, 1, 128, 2, 4, 32, &first) == 0)
+        #expect(tandem_claim_samples(counter, 2, 128, 2, 4, 32, &first) == 32 && first == 0)
+        // A last claim smaller than the smallest chunk takes what is left.
+        counter.pointee = 0
+        #expect(claims(counter: counter, tag: 3, batch: 10, ranks: 2, bounds: (4, 8), order: [0, 1, 0, 1]).map(\.2) == [4, 4, 2])
+
+        // Any batch, ranks, bounds and order of claims: the claims tile [0, batch) in order, each
+        // within the bounds but for a last one that takes what is left, none growing.
+        var rng = SeededGenerator(seed: 5)
+        for trial in 0..<2_000 {
+            let ranks = 1 + Int(rng.next() % 6)
+            let batch = 1 + Int(rng.next() % 300)
+            let largest = 1 + Int(rng.next() % 64)
+            let bounds = (min: max(1, largest / 8), max: largest)
+            let order = (0..<(batch + 1)).map { _ in Int(rng.next() % UInt64(ranks)) }
+            let c = claims(counter: counter, tag: UInt32(10 + trial), batch: batch, ranks: ranks, bounds: bounds, order: order)
+            var next = 0
+            for (k, claim) in c.enumerated() {
+                #expect(claim.1 == next)
+                let isLast = k == c.count - 1
+                #expect(claim.2 <= bounds.max && (claim.2 >= bounds.min || isLast), "batch \(batch) bounds \(bounds): \(c.map(\.2))")
+                if k > 0 { #expect(claim.2 <= c[k - 1].2) }
+                next += claim.2
+            }
+            #expect(next == batch)
+        }
+    }
+
+    @Test func ranksClaimingAtOnceNeverShareASample() {
+        // Four threads claim from one counter at the same time, step after step: every sample of
+        // every step is claimed exactly once.
+        let counter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
+        counter.initialize(to: 0)
+        defer { counter.deallocate() }
+        let ranks = 4, batch = 256, steps = 200
+        // Per rank, how often it claimed each sample of each step (each thread writes its own row).
+        let owner = UnsafeMutablePointer<Int32>.allocate(capacity: ranks * steps * batch)
+        owner.initialize(repeating: 0, count: ranks * steps * batch)
+        defer { owner.deallocate() }
+        nonisolated(unsafe) let c = counter, o = owner
+        // A thread per rank (a pool of fewer threads than ranks would leave the barrier waiting).
+        final class Barrier: @unchecked Sendable {
+            let condition = NSCondition()
+            let parties: Int
+            var arrived = 0, generation = 0
+            init(parties: Int) { self.parties = parties }
+            func wait() {
+                condition.lock()
+                defer { condition.unlock() }
+                let g = generation
+                arrived += 1
+                if arrived == parties {
+                    arrived = 0
+                    generation += 1
+                    condition.broadcast()
+                } else {
+                    while generation == g { condition.wait() }
+                }
+            }
+        }
+        let barrier = Barrier(parties: ranks)
+        @Sendable func claimSteps(_ r: Int) {
+            var first = 0
+            for s in 0..<steps {
+                while true {
+                    let n = tandem_claim_samples(c, UInt32(s + 1), batch, ranks, 1, 16, &first)
+                    if n == 0 { break }
+                    for i in first..<(first + n) { o[(r * steps + s) * batch + i] += 1 }
+                }
+                // As in training: every rank has made its last claim of a step before any claims
+                // in the next (the gradient sync orders it there).
+                barrier.wait()
+            }
+        }
+        let done = DispatchGroup()
+        for r in 0..<ranks {
+            done.enter()
+            Thread {
+                claimSteps(r)
+                done.leave()
+            }.start()
+        }
+        done.wait()
+        #expect((0..<(steps * batch)).allSatisfy { i in (0..<ranks).reduce(0) { $0 + owner[$1 * steps * batch + i] } == 1 })
+        // And every rank claimed something (they did run at once).
+        #expect((0..<ranks).allSatisfy { r in (0..<(steps * batch)).contains { owner[r * steps * batch + $0] > 0 } })
+    }
+
+    @Test func aSlowRankTakesFewerSamplesAndTheRunTrainsWhatOneProcessTrains() throws {
+        let c = try config(lenetYAML)
+        let one = try trainInProcess(c, ranks: 1, steps: 8, data: syntheticData)
+        var dynamic = c
+        dynamic.parallel.dynamic = true
+        final class Box: @unchecked Sendable { var shares: [Int] = []; var dynamic = false; var bounds = (0, 0) }
+        let box = Box()
+        // Rank 1 sleeps 2 ms per sample after each chunk: it computes several times slower.
+        let two = try trainInProcess(dynamic, ranks: 2, steps: 8,
+                                     prepare: { t in t.hooks.slowRank = 1; t.hooks.slowMicrosPerSample = 2000 },
+                                     finished: { t in if t.comm.rank == 0 { box.shares = t.shares; box.dynamic = t.dynamic; box.bounds = t.chunkBounds } },
+                                     data: syntheticData)
+        #expect(box.dynamic && box.bounds == (1, 8))
+        #expect(box.shares.count == 2 && abs(box.shares.reduce(0, +) - c.batchSize) <= 1)
+        #expect(box.shares[0] > box.shares[1], "shares \(box.shares)")
+        for (a, b) in zip(one.losses, two.losses) { #expect(abs(a - b) <= 1e-4 * abs(a), "losses \(one.losses) vs \(two.losses)") }
+        #expect(relativeDifference(one.parameters, two.parameters) < 1e-4)
+    }
+
+    @Test func threeRanksAndARankThatGetsNoSampleTrainWhatOneProcessTrains() throws {
+        // Rank 2 arrives 50 ms late at every step: ranks 0 and 1 claim the whole batch before it
+        // does, and it posts zero gradients. The run still trains one process's steps.
+        var c = try config(lenetYAML.replacingOccurrences(of: "batch_size: 32", with: "batch_size: 24"))
+        let one = try trainInProcess(c, ranks: 1, steps: 5, data: syntheticData)
+        c.parallel.dynamic = true
+        final class Box: @unchecked Sendable { var shares: [Int] = [] }
+        let box = Box()
+        let three = try trainInProcess(c, ranks: 3, steps: 5,
+                                       prepare: { t in t.hooks.lateRank = 2; t.hooks.lateMicros = 50_000 },
+                                       finished: { t in if t.comm.rank == 0 { box.shares = t.shares } },
+                                       data: syntheticData)
+        #expect(box.shares.count == 3 && box.shares[2] == 0, "shares \(box.shares)")
+        for (a, b) in zip(one.losses, three.losses) { #expect(abs(a - b) <= 1e-4 * abs(a), "losses \(one.losses) vs \(three.losses)") }
+        #expect(relativeDifference(one.parameters, three.parameters) < 1e-4)
+    }
+
+    @Test func ranksStartedWithAndWithoutDynamicAreRefused() throws {
+        let c = try config(lenetYAML)
+        #expect {
+            try ThreadCommunicator.run(size: 2) { comm in
+                var mine = c
+                mine.parallel.dynamic = comm.rank == 1
+                var o = RunOptions()
+                o.quiet = true
+                _ = try Trainer(config: mine, comm: comm, data: try syntheticData(), options: o)
+            }
+        } throws: { error in
+            "\(error)".contains("rank 1 runs a different config than rank 0") && "\(error)".contains("parallel.dynamic")
+        }
+    }
+
+    @Test func configKeysAndTheirErrors() throws {
+        let d = try config(lenetYAML + "\nparallel: {dynamic: true, chunk: 12}\n")
+        #expect(d.parallel.dynamic && d.parallel.chunk == 12)
+        #expect(d.parallel.chunkBounds(batch: 128, replicas: 2) == (1, 12))
+        #expect(try !config(lenetYAML).parallel.dynamic)
+        // The default: half the even share, the smallest an eighth of that.
+        #expect(ParallelConfig().chunkBounds(batch: 128, replicas: 2) == (4, 32))
+        #expect(ParallelConfig().chunkBounds(batch: 2, replicas: 2) == (1, 1))
+        #expect(expectError(["parallel.dynamic"]) { _ = try config(lenetYAML + "\nparallel: {dynamic: often}\n") } == nil)
+        #expect(expectError(["parallel.chunk", "positive"]) { _ = try config(lenetYAML + "\nparallel: {dynamic: true, chunk: 0}\n") } == nil)
+        let data = try syntheticData()
+        let both = try config(lenetYAML + "\nparallel: {dynamic: true, balance: true}\n")
+        #expect(expectError(["test.yaml", "parallel.dynamic and parallel.balance"]) { _ = try Trainer.checkLayout(config: both, data: data, worldSize: 2) } == nil)
+        let bn = try config(lenetYAML + "\nparallel: {dynamic: true, sync_bn: true}\n")
+        #expect(expectError(["test.yaml", "parallel.dynamic with parallel.sync_bn"]) { _ = try Trainer.checkLayout(config: bn, data: data, worldSize: 2) } == nil)
+        // One process has no replicas to share with: sync_bn is harmless there.
+        _ = try Trainer.checkLayout(config: bn, data: data, worldSize: 1)
+        let towers = try config(smallAlexYAML.replacingOccurrences(of: "parallel: {towers: 2}", with: "parallel: {towers: 2, dynamic: true}"))
+        #expect(expectError(["test.yaml", "parallel.dynamic", "parallel.towers 1"]) { _ = try Trainer.checkLayout(config: towers, data: data, worldSize: 2) } == nil)
+    }
+}
