@@ -142,15 +142,15 @@ import TandemCore
     }
 
     @Test func threeRanksAndARankThatGetsNoSampleTrainWhatOneProcessTrains() throws {
-        // Rank 2 arrives 50 ms late at every step: ranks 0 and 1 claim the whole batch before it
-        // does, and it posts zero gradients. The run still trains one process's steps.
+        // Rank 2 claims only once ranks 0 and 1 have claimed the whole batch (TestHooks): it
+        // computes no sample and posts zero gradients. The run still trains one process's steps.
         var c = try config(lenetYAML.replacingOccurrences(of: "batch_size: 32", with: "batch_size: 24"))
         let one = try trainInProcess(c, ranks: 1, steps: 5, data: syntheticData)
         c.parallel.dynamic = true
         final class Box: @unchecked Sendable { var shares: [Int] = [] }
         let box = Box()
         let three = try trainInProcess(c, ranks: 3, steps: 5,
-                                       prepare: { t in t.hooks.lateRank = 2; t.hooks.lateMicros = 50_000 },
+                                       prepare: { t in t.hooks.lateRank = 2 },
                                        finished: { t in if t.comm.rank == 0 { box.shares = t.shares } },
                                        data: syntheticData)
         #expect(box.shares.count == 3 && box.shares[2] == 0, "shares \(box.shares)")

@@ -76,7 +76,8 @@ import TandemCore
         var rows = [try bench("lenet5", "data parallel", "strong", np: 1, ips: 1000), try bench("lenet5", "data parallel", "strong", np: 2, ips: 1800),
                     try bench("lenet5", "data parallel", "weak", np: 1, ips: 900), try bench("lenet5", "data parallel", "weak", np: 4, ips: 1800, over: true),
                     try bench("alexnet", "2 towers", "strong", np: 2, ips: 50),
-                    try bench("lenet5", "data parallel, balanced", "strong", np: 2, ips: 1900)]
+                    try bench("lenet5", "data parallel, balanced", "strong", np: 2, ips: 1900),
+                    try bench("lenet5", "data parallel, dynamic", "strong", np: 2, ips: 1950)]
         ScalingReport.computeSpeedups(&rows)
         #expect(abs(rows[1].speedup - 1.8) < 1e-12 && abs(rows[1].efficiency - 0.9) < 1e-12)
         #expect(abs(rows[3].speedup - 2) < 1e-12 && abs(rows[3].efficiency - 0.5) < 1e-12)
@@ -91,6 +92,7 @@ import TandemCore
         #expect(svg.hasPrefix("<svg") && svg.contains("oversubscribed") && svg.contains("lenet5 DP strong") && svg.contains("busbw np 2"))
         // Balanced data parallel is a line of its own, from the same one-rank row.
         #expect(abs(rows[5].speedup - 1.9) < 1e-12 && svg.contains("lenet5 DP balanced strong"))
+        #expect(abs(rows[6].speedup - 1.95) < 1e-12 && svg.contains("lenet5 DP dynamic strong"))
         #expect(ScalingReport.markdown(rows: [], allreduce: [allreduce]).contains("| 4096 | 5.0 | 0.800 | 0.800 | 0.4 | 0.08 |"))
     }
 }

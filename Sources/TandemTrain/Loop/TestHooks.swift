@@ -9,16 +9,15 @@
 //                               it sleeps TANDEM_TEST_SLOW_US (default 50) microseconds per sample of
 //                               its share (the parallel.balance tests); with parallel.dynamic after
 //                               each chunk, for the chunk's samples.
-//   TANDEM_TEST_LATE_RANK=r     world rank r sleeps TANDEM_TEST_LATE_US (default 50000) microseconds at
-//                               the start of every step, before its first claim (parallel.dynamic: the
-//                               others claim every sample, and it computes none).
+//   TANDEM_TEST_LATE_RANK=r     parallel.dynamic: world rank r makes its first claim of every step only
+//                               once the other ranks have claimed every sample (so it computes none).
 import Foundation
 
 struct TestHooks {
     var hangRank = -1, hangStep = 1
     var divergeRank = -1, divergeStep = 1
     var slowRank = -1, slowMicrosPerSample = 50
-    var lateRank = -1, lateMicros = 50_000
+    var lateRank = -1
 
     init(environment: [String: String] = ProcessInfo.processInfo.environment) {
         func int(_ key: String) -> Int? { environment[key].flatMap { Int($0) } }
@@ -29,6 +28,5 @@ struct TestHooks {
         slowRank = int("TANDEM_TEST_SLOW_RANK") ?? -1
         slowMicrosPerSample = int("TANDEM_TEST_SLOW_US") ?? 50
         lateRank = int("TANDEM_TEST_LATE_RANK") ?? -1
-        lateMicros = int("TANDEM_TEST_LATE_US") ?? 50_000
     }
 }

@@ -500,7 +500,14 @@ public final class Trainer {
         let bounds = chunkBounds
         var first = 0
         func claim() -> Int { tandem_claim_samples(counter, poolTag, m, replicas, bounds.min, bounds.max, &first) }
-        if comm.rank == hooks.lateRank { usleep(UInt32(hooks.lateMicros)) }
+        if comm.rank == hooks.lateRank {
+            // Test-only: wait until the other ranks have claimed the whole batch.
+            while true {
+                let c = tandem_load_acquire_u64(counter)
+                if UInt32(truncatingIfNeeded: c >> 32) == poolTag && Int(c & 0xffff_ffff) >= m { break }
+                usleep(100)
+            }
+        }
         var size = claim()
         if size == 0 {
             net.contributeNothing()

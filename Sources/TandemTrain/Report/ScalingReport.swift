@@ -110,10 +110,15 @@ public enum ScalingReport {
     /// from its one-rank row; ideal speedup dashed; oversubscribed ranks shaded), and, with
     /// allreduce results, bus bandwidth against message size next to memcpy bandwidth.
     public static func svg(rows: [ScalingRow], allreduce: [AllreduceResult], cores: Int, title: String) -> String {
-        // One line per model, mode and family (data parallel, data parallel with balanced shares, or
-        // towers: 2 towers and 2x2 hybrid together).
+        // One line per model, mode and family (data parallel, data parallel with balanced or dynamic
+        // shares, or towers: 2 towers and 2x2 hybrid together).
         func family(_ r: ScalingRow) -> String {
-            r.layout == "data parallel" ? "DP" : r.layout == "data parallel, balanced" ? "DP balanced" : "towers"
+            switch r.layout {
+            case "data parallel": "DP"
+            case "data parallel, balanced": "DP balanced"
+            case "data parallel, dynamic": "DP dynamic"
+            default: "towers"
+            }
         }
         var keys: [String] = []
         var lines: [String: [(Double, Double, Double)]] = [:]   // key -> (np, speedup, efficiency)
