@@ -57,13 +57,13 @@ public struct ParallelConfig: Sendable, Equatable {
     /// their speeds do during it.
     public var dynamic: Bool = false
     /// parallel.dynamic: the largest chunk a replica claims (0: half the even share, at least 1); the
-    /// smallest is an eighth of it (at least 1). The network is sized for one chunk.
+    /// smallest is a sixteenth of it (at least 1). The network is sized for one chunk.
     public var chunk: Int = 0
 
     /// parallel.dynamic's largest and smallest chunk for this global batch and number of replicas.
     public func chunkBounds(batch: Int, replicas: Int) -> (min: Int, max: Int) {
         let largest = chunk > 0 ? min(chunk, batch) : max(1, batch / replicas / 2)
-        return (max(1, largest / 8), largest)
+        return (max(1, largest / 16), largest)
     }
 }
 
