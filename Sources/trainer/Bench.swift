@@ -65,6 +65,7 @@ struct Bench: ParsableCommand {
             }
             try runSteps(warmup, nil)
             profile.update(repeating: 0, count: 2 * graph.nodes.count)
+            trainer.resetShareCounts()
             let recorder = trace.map { _ in trainer.startTrace(steps: steps) }
             try comm.barrier()
             let timing = StepTiming()

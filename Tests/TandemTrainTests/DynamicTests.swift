@@ -63,49 +63,31 @@ import TandemCore
     }
 
     @Test func ranksClaimingAtOnceNeverShareASample() {
-        // Four threads claim from one counter at the same time, step after step: every sample of
-        // every step is claimed exactly once.
+        // Threads claim one sample at a time from one counter, all starting each step together
+        // (a spinning start line), step after step: every sample of every step is claimed exactly
+        // once, and the compare-and-swap is contended all along.
         let counter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
         counter.initialize(to: 0)
         defer { counter.deallocate() }
-        let ranks = 4, batch = 256, steps = 200
+        let ranks = 3, batch = 256, steps = 300
         // Per rank, how often it claimed each sample of each step (each thread writes its own row).
         let owner = UnsafeMutablePointer<Int32>.allocate(capacity: ranks * steps * batch)
         owner.initialize(repeating: 0, count: ranks * steps * batch)
         defer { owner.deallocate() }
         nonisolated(unsafe) let c = counter, o = owner
-        // A thread per rank (a pool of fewer threads than ranks would leave the barrier waiting).
-        final class Barrier: @unchecked Sendable {
-            let condition = NSCondition()
-            let parties: Int
-            var arrived = 0, generation = 0
-            init(parties: Int) { self.parties = parties }
-            func wait() {
-                condition.lock()
-                defer { condition.unlock() }
-                let g = generation
-                arrived += 1
-                if arrived == parties {
-                    arrived = 0
-                    generation += 1
-                    condition.broadcast()
-                } else {
-                    while generation == g { condition.wait() }
-                }
-            }
-        }
-        let barrier = Barrier(parties: ranks)
+        let startLine = SpinBarrier(parties: ranks), finishLine = SpinBarrier(parties: ranks)
         @Sendable func claimSteps(_ r: Int) {
             var first = 0
             for s in 0..<steps {
+                startLine.wait()
                 while true {
-                    let n = tandem_claim_samples(c, UInt32(s + 1), batch, ranks, 1, 16, &first)
+                    let n = tandem_claim_samples(c, UInt32(s + 1), batch, ranks, 1, 1, &first)
                     if n == 0 { break }
-                    for i in first..<(first + n) { o[(r * steps + s) * batch + i] += 1 }
+                    o[(r * steps + s) * batch + first] += 1
                 }
                 // As in training: every rank has made its last claim of a step before any claims
                 // in the next (the gradient sync orders it there).
-                barrier.wait()
+                finishLine.wait()
             }
         }
         let done = DispatchGroup()
@@ -118,8 +100,28 @@ import TandemCore
         }
         done.wait()
         #expect((0..<(steps * batch)).allSatisfy { i in (0..<ranks).reduce(0) { $0 + owner[$1 * steps * batch + i] } == 1 })
-        // And every rank claimed something (they did run at once).
+        // Every rank claimed samples (they did claim at once).
         #expect((0..<ranks).allSatisfy { r in (0..<(steps * batch)).contains { owner[r * steps * batch + $0] > 0 } })
+    }
+
+    @Test(arguments: [(threads: 2, transport: GradientSync.Transport.auto), (threads: 1, transport: .mpi)])
+    func partialBatchesSeveralThreadsAndMPITrainWhatOneProcessTrains(setup: (threads: Int, transport: GradientSync.Transport)) throws {
+        // Full and partial global batches (an epoch's last), with two threads per rank (the parts'
+        // buffers add up over the chunks) or with the buckets through the communicator instead of
+        // shared memory (the pool is still shared memory).
+        let c = try config(lenetYAML)
+        let counts = [32, 20, 32, 7, 32]
+        let one = try trainInProcess(c, ranks: 1, steps: counts.count, counts: counts, data: syntheticData)
+        var dynamic = c
+        dynamic.parallel.dynamic = true
+        final class Box: @unchecked Sendable { var transport = ""; var threads = 0 }
+        let box = Box()
+        let two = try trainInProcess(dynamic, ranks: 2, steps: counts.count, threads: setup.threads, counts: counts, transport: setup.transport,
+                                     transportUsed: { box.transport = $0 },
+                                     finished: { t in if t.comm.rank == 0 { box.threads = t.threads } }, data: syntheticData)
+        #expect(box.threads == setup.threads && box.transport == (setup.transport == .mpi ? "MPI" : "shared memory"))
+        for (a, b) in zip(one.losses, two.losses) { #expect(abs(a - b) <= 1e-4 * abs(a), "losses \(one.losses) vs \(two.losses)") }
+        #expect(relativeDifference(one.parameters, two.parameters) < 1e-4)
     }
 
     @Test func aSlowRankTakesFewerSamplesAndTheRunTrainsWhatOneProcessTrains() throws {

@@ -28,7 +28,9 @@ func expectError(_ fragments: [String], _ body: () throws -> Void) -> String? {
 /// Runs `steps` training steps of `cfg` on `ranks` in-process ranks (threads) and returns rank 0's
 /// per-step losses and final parameters.
 /// `prepare` runs on each rank's trainer before the first step, `finished` after the last.
-func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, transport: GradientSync.Transport = .auto, transportUsed: ((String) -> Void)? = nil,
+/// `threads`: per rank; `counts`: each step's global batch (default: the config's, every step).
+func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, threads: Int = 1, counts: [Int]? = nil,
+                    transport: GradientSync.Transport = .auto, transportUsed: ((String) -> Void)? = nil,
                     prepare: ((Trainer) -> Void)? = nil, finished: ((Trainer) -> Void)? = nil,
                     data: @escaping @Sendable () throws -> DataPipeline) throws -> (losses: [Double], parameters: [Float]) {
     final class Box: @unchecked Sendable { var losses: [Double] = []; var params: [Float] = [] }
@@ -41,14 +43,14 @@ func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, transport: Gradi
         o.bucketKB = 16
         o.transport = transport
         var c = cfg
-        c.parallel.threads = 1
+        c.parallel.threads = threads
         let t = try Trainer(config: c, comm: comm, data: try data(), options: o)
         if comm.rank == 0 { transportUsed?(t.sync.transportName) }
         prepare?(t)
         t.data.shuffle(epoch: 0, seed: c.seed)
         var losses: [Double] = []
         for s in 0..<steps {
-            let r = try t.step(epoch: 0, start: s * c.batchSize, globalCount: c.batchSize, step: s, lr: c.lr)
+            let r = try t.step(epoch: 0, start: s * c.batchSize, globalCount: counts?[s] ?? c.batchSize, step: s, lr: c.lr)
             losses.append(r.loss)
         }
         finished?(t)

@@ -322,9 +322,10 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         let timed = p == 0 ? profile : nil
         let timer = p == 0 ? layerTimer : nil
         let clocked = timed != nil || timer != nil
-        // With several parts each zeroes its own buffer; in a later chunk of a step part 0's (the
-        // main buffer) keeps what the step's earlier chunks added, and the others' sums go into it.
-        if parts > 1 && (command == .train || (command == .trainForward && (p > 0 || !accumulating))) {
+        // With several parts each zeroes its own buffer, in a pass in chunks at the step's first
+        // chunk only: every part adds its share of each chunk into its own buffer, and the parts'
+        // sums meet in the main buffer (part 0's) after the last chunk's backward.
+        if parts > 1 && (command == .train || (command == .trainForward && !accumulating)) {
             UnsafeMutableRawPointer(partGradients[p]).initializeMemory(as: UInt8.self, repeating: 0, count: graph.parameterCount * MemoryLayout<T>.stride)
         }
         if command == .forward || command == .train || command == .trainForward {
@@ -371,7 +372,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
                 }
             }
             if c.count > 0 { sumEdges(0, c) }
-            if parts > 1 { sumGradients(part: p) }
+            if parts > 1 && (command == .train || reporting) { sumGradients(part: p) }
         }
     }
 

@@ -104,6 +104,8 @@ public final class Trainer {
     private var pool: SharedSegment?
     private var poolTag: UInt32 = 0
     public let chunkBounds: (min: Int, max: Int)
+    /// parallel.dynamic: the most chunks one rank can take of a full global batch (all of them).
+    public let chunksPerBatch: Int
     private let samplesTaken: UnsafeMutablePointer<Double>
     private var dynamicSteps = 0
     var isRoot: Bool { comm.rank == 0 }
@@ -137,7 +139,18 @@ public final class Trainer {
         BLAS.setThreads(1)
         balancing = config.parallel.balance && replicas > 1
         dynamic = config.parallel.dynamic && replicas > 1
-        chunkBounds = config.parallel.chunkBounds(batch: config.batchSize, replicas: replicas)
+        var bounds = config.parallel.chunkBounds(batch: config.batchSize, replicas: replicas)
+        // Batch norm normalises each chunk over its own samples: none smaller than 8 (one sample
+        // after a linear layer would normalise to beta).
+        if graph.nodes.contains(where: { if case .batchNorm? = $0.kind { return true } else { return false } }) {
+            bounds.min = max(bounds.min, min(bounds.max, 8))
+        }
+        chunkBounds = bounds
+        var counter: UInt64 = 0, first = 0, chunks = 0
+        if dynamic {
+            while tandem_claim_samples(&counter, 1, config.batchSize, replicas, bounds.min, bounds.max, &first) > 0 { chunks += 1 }
+        }
+        chunksPerBatch = max(1, chunks)
         samplesTaken = .allocate(capacity: replicas)
         samplesTaken.initialize(repeating: 0, count: replicas)
         stepStatistics = .allocate(capacity: 6 + replicas)
@@ -157,7 +170,7 @@ public final class Trainer {
             fputs("tandem: parallel.balance with batch norm and without parallel.sync_bn: each replica normalises over a share whose size follows the ranks' timing, so runs differ from one another and from one process; set sync_bn: true for the same statistics as one process\n", stderr)
         }
         if dynamic && graph.nodes.contains(where: { if case .batchNorm? = $0.kind { return true } else { return false } }) && comm.rank == 0 && !options.quiet {
-            fputs("tandem: parallel.dynamic with batch norm: each chunk (\(chunkBounds.min) to \(chunkBounds.max) samples) is normalised over its own samples (ghost batches), so runs differ from one another and from one process\n", stderr)
+            fputs("tandem: parallel.dynamic with batch norm: each chunk (\(chunkBounds.min) to \(chunkBounds.max) samples) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
         }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
@@ -320,6 +333,13 @@ public final class Trainer {
     public func share(of m: Int) -> Range<Int> {
         if balancing && m == config.batchSize { return cuts[replica]..<cuts[replica + 1] }
         return (m * replica / replicas)..<(m * (replica + 1) / replicas)
+    }
+
+    /// parallel.dynamic: forgets the samples taken so far (`shares` then averages the steps after
+    /// this call; `trainer bench` calls it after the warm-up).
+    public func resetShareCounts() {
+        samplesTaken.update(repeating: 0, count: replicas)
+        dynamicSteps = 0
     }
 
     /// Each replica's share of a full global batch: at this point with `parallel.balance`, the mean

@@ -152,9 +152,10 @@ extension Trainer {
     /// sync), sized for `steps` steps; returns it. Write it with `write(to:worldSize:)` at the end.
     @discardableResult
     public func startTrace(steps: Int, evaluations: Int = 0, maxEvents: Int = 1_000_000) -> TraceRecorder {
-        // Per step: the step, data, optimiser, the wait, each layer forward and backward, each bucket;
-        // per evaluation: the evaluation and each layer's forward per batch.
-        let perStep = 4 + 2 * graph.nodes.count + sync.buckets.count
+        // Per step: the step, data, optimiser, the wait, each layer forward and backward, each bucket
+        // (with parallel.dynamic data and the layers once per chunk, for as many chunks as one rank
+        // can take); per evaluation: the evaluation and each layer's forward per batch.
+        let perStep = 3 + sync.buckets.count + (dynamic ? chunksPerBatch : 1) * (1 + 2 * graph.nodes.count)
         let perEvaluation = 1 + graph.nodes.count * ((data.test.count / replicas + net.capacity - 1) / net.capacity)
         let t = TraceRecorder(capacity: max(64, min(maxEvents, perStep * max(1, steps) + perEvaluation * evaluations + 16)), rank: comm.rank)
         t.internLayers(graph)
