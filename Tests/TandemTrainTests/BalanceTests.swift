@@ -78,16 +78,17 @@ import TandemCore
         #expect(box.shares == [16, 16])
     }
 
-    @Test func ranksStartedWithAndWithoutBalanceAreRefused() throws {
-        // The per-step allreduce would differ in size (a hang or garbage): every rank stops at start-up.
+    @Test(arguments: ["balance", "dynamic"])
+    func ranksStartedWithAndWithoutItAreRefused(mode: String) throws {
+        // parallel.balance or parallel.dynamic on one rank only: the per-step allreduce would differ
+        // in size and the ranks would meet at different points (a hang or garbage): every rank stops
+        // at start-up.
         let c = try config(lenetYAML)
         #expect {
-            try ThreadCommunicator.run(size: 2) { comm in
+            try startTrainers { rank in
                 var mine = c
-                mine.parallel.balance = comm.rank == 1
-                var o = RunOptions()
-                o.quiet = true
-                _ = try Trainer(config: mine, comm: comm, data: try syntheticData(), options: o)
+                if mode == "balance" { mine.parallel.balance = rank == 1 } else { mine.parallel.dynamic = rank == 1 }
+                return mine
             }
         } throws: { error in
             "\(error)".contains("rank 1 runs a different config than rank 0 (config hash, batch size, seed, parallel.balance, parallel.dynamic or parallel.chunk differ)")

@@ -161,21 +161,6 @@ import TandemCore
         #expect(relativeDifference(one.parameters, three.parameters) < 1e-4)
     }
 
-    @Test func ranksStartedWithAndWithoutDynamicAreRefused() throws {
-        let c = try config(lenetYAML)
-        #expect {
-            try ThreadCommunicator.run(size: 2) { comm in
-                var mine = c
-                mine.parallel.dynamic = comm.rank == 1
-                var o = RunOptions()
-                o.quiet = true
-                _ = try Trainer(config: mine, comm: comm, data: try syntheticData(), options: o)
-            }
-        } throws: { error in
-            "\(error)".contains("rank 1 runs a different config than rank 0") && "\(error)".contains("parallel.dynamic")
-        }
-    }
-
     @Test func configKeysAndTheirErrors() throws {
         let d = try config(lenetYAML + "\nparallel: {dynamic: true, chunk: 12}\n")
         #expect(d.parallel.dynamic && d.parallel.chunk == 12)

@@ -132,39 +132,38 @@ struct MPITests {
         #expect(o["transport"] as? String == "shared memory" && o["wait_for_slowest_rank_ms"] is Double)
     }
 
-    @Test func balancedRanksMatchOneProcessAndTheSlowRankTakesLess() throws {
-        // Rank 1 sleeps 300 us per sample after backward (TestHooks): with --balance rank 0 takes
-        // the larger share, and the steps still train what one process trains.
+    /// One process, then `mpirun -np 2` with `options` and rank 1 sleeping `slowMicros` per sample
+    /// after each backward (TestHooks): checks that both ran and trained the same 12 steps, and
+    /// returns the 2-rank run's and the single process's summary.json.
+    func slowRankRun(_ options: [String], slowMicros: Int) throws -> (many: [String: Any], one: [String: Any]) {
         let cfg = try smallConfig()
         let one = temporaryFolder(), many = temporaryFolder()
         let a = try run(trainerBinary, ["--config", cfg, "--out", one, "--quiet"])
-        let b = try run("/usr/bin/env", ["TANDEM_TEST_SLOW_RANK=1", "TANDEM_TEST_SLOW_US=300", mpirunPath!, "--allow-run-as-root", "--oversubscribe",
+        let b = try run("/usr/bin/env", ["TANDEM_TEST_SLOW_RANK=1", "TANDEM_TEST_SLOW_US=\(slowMicros)", mpirunPath!, "--allow-run-as-root", "--oversubscribe",
                                          "--bind-to", "none", "-x", "TANDEM_TEST_SLOW_RANK", "-x", "TANDEM_TEST_SLOW_US", "-np", "2", trainerBinary,
-                                         "--config", cfg, "--out", many, "--quiet", "--balance"], timeout: 180)
+                                         "--config", cfg, "--out", many, "--quiet"] + options, timeout: 180)
         #expect(a.status == 0 && b.status == 0, "\(a.error)\(b.error)")
         let la = try stepLosses(one), lb = try stepLosses(many)
         #expect(la.count == 12 && lb.count == 12)
         for (x, y) in zip(la, lb) { #expect(abs(x - y) <= 2e-4 * abs(x), "losses \(la) vs \(lb)") }
-        let shares = try #require(try summary(many)["shares"] as? [Int])
+        return (try summary(many), try summary(one))
+    }
+
+    @Test func balancedRanksMatchOneProcessAndTheSlowRankTakesLess() throws {
+        // Rank 1 sleeps 300 us per sample after backward: with --balance rank 0 takes the larger
+        // share, and the steps still train what one process trains.
+        let r = try slowRankRun(["--balance"], slowMicros: 300)
+        let shares = try #require(r.many["shares"] as? [Int])
         #expect(shares.count == 2 && shares[0] + shares[1] == 64 && shares[0] > shares[1], "shares \(shares)")
-        #expect(try summary(one)["shares"] == nil)
+        #expect(r.one["shares"] == nil)
     }
 
     @Test func dynamicRanksMatchOneProcessAndTheSlowRankTakesLess() throws {
         // Rank 1 sleeps 1 ms per sample after each chunk (about ten times its compute): with
         // --dynamic rank 0 claims more of each batch from the shared pool, and the steps still train
         // what one process trains.
-        let cfg = try smallConfig()
-        let one = temporaryFolder(), many = temporaryFolder()
-        let a = try run(trainerBinary, ["--config", cfg, "--out", one, "--quiet"])
-        let b = try run("/usr/bin/env", ["TANDEM_TEST_SLOW_RANK=1", "TANDEM_TEST_SLOW_US=1000", mpirunPath!, "--allow-run-as-root", "--oversubscribe",
-                                         "--bind-to", "none", "-x", "TANDEM_TEST_SLOW_RANK", "-x", "TANDEM_TEST_SLOW_US", "-np", "2", trainerBinary,
-                                         "--config", cfg, "--out", many, "--quiet", "--dynamic", "--chunk", "8"], timeout: 180)
-        #expect(a.status == 0 && b.status == 0, "\(a.error)\(b.error)")
-        let la = try stepLosses(one), lb = try stepLosses(many)
-        #expect(la.count == 12 && lb.count == 12)
-        for (x, y) in zip(la, lb) { #expect(abs(x - y) <= 2e-4 * abs(x), "losses \(la) vs \(lb)") }
-        let shares = try #require(try summary(many)["shares"] as? [Int])
+        let r = try slowRankRun(["--dynamic", "--chunk", "8"], slowMicros: 1000)
+        let shares = try #require(r.many["shares"] as? [Int])
         #expect(shares.count == 2 && abs(shares[0] + shares[1] - 64) <= 1 && shares[0] > shares[1], "shares \(shares)")
     }
 

@@ -59,3 +59,13 @@ func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, threads: Int = 1
     }
     return (box.losses, box.params)
 }
+
+/// Builds a trainer on each of `ranks` in-process ranks, rank r with `configFor(r)` (the start-up
+/// checks, nothing trained).
+func startTrainers(ranks: Int = 2, _ configFor: @escaping @Sendable (Int) -> TrainConfig) throws {
+    try ThreadCommunicator.run(size: ranks) { comm in
+        var o = RunOptions()
+        o.quiet = true
+        _ = try Trainer(config: configFor(comm.rank), comm: comm, data: try syntheticData(), options: o)
+    }
+}
