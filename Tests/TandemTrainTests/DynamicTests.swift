@@ -173,6 +173,8 @@ import TandemCore
         #expect(expectError(["parallel.dynamic"]) { _ = try config(lenetYAML + "\nparallel: {dynamic: often}\n") } == nil)
         #expect(expectError(["parallel.chunk", "positive"]) { _ = try config(lenetYAML + "\nparallel: {dynamic: true, chunk: 0}\n") } == nil)
         let data = try syntheticData()
+        let chunkAlone = try config(lenetYAML + "\nparallel: {chunk: 8}\n")
+        #expect(expectError(["test.yaml", "parallel.chunk", "parallel.dynamic"]) { _ = try Trainer.checkLayout(config: chunkAlone, data: data, worldSize: 1) } == nil)
         let both = try config(lenetYAML + "\nparallel: {dynamic: true, balance: true}\n")
         #expect(expectError(["test.yaml", "parallel.dynamic and parallel.balance"]) { _ = try Trainer.checkLayout(config: both, data: data, worldSize: 2) } == nil)
         let bn = try config(lenetYAML + "\nparallel: {dynamic: true, sync_bn: true}\n")

@@ -236,6 +236,9 @@ public final class Trainer {
         if config.parallel.balance && wanted > 1 {
             throw ConfigError("\(config.source): parallel.balance sizes the replicas' shares of the batch and needs parallel.towers 1 (the towers of a replica share its samples), got towers \(wanted)")
         }
+        if config.parallel.chunk > 0 && !config.parallel.dynamic {
+            throw ConfigError("\(config.source): parallel.chunk sizes the chunks of parallel.dynamic, which is off: set parallel.dynamic: true (or --dynamic), or drop parallel.chunk")
+        }
         if config.parallel.dynamic {
             if wanted > 1 {
                 throw ConfigError("\(config.source): parallel.dynamic lets each replica claim its samples and needs parallel.towers 1 (the towers of a replica share its samples), got towers \(wanted)")
