@@ -89,10 +89,10 @@ import TandemCore
         let allreduce = try AllreduceResult(["world_size": 2, "memcpy_gbps": 10.0, "rows": [["bytes": 4096, "median_us": 5.0, "algbw_gbps": 0.8,
                                                                                             "busbw_gbps": 0.8, "ring_bound_us": 0.4]]])
         let svg = ScalingReport.svg(rows: rows, allreduce: [allreduce], cores: 2, title: "t")
-        #expect(svg.hasPrefix("<svg") && svg.contains("oversubscribed") && svg.contains("lenet5 DP strong") && svg.contains("busbw np 2"))
+        #expect(svg.hasPrefix("<svg") && svg.contains("oversubscribed") && svg.contains(">lenet5 DP</text>") && svg.contains("busbw np 2"))
         // Balanced data parallel is a line of its own, from the same one-rank row.
-        #expect(abs(rows[5].speedup - 1.9) < 1e-12 && svg.contains("lenet5 DP balanced strong"))
-        #expect(abs(rows[6].speedup - 1.95) < 1e-12 && svg.contains("lenet5 DP dynamic strong"))
+        #expect(abs(rows[5].speedup - 1.9) < 1e-12 && svg.contains(">lenet5 DP balanced</text>"))
+        #expect(abs(rows[6].speedup - 1.95) < 1e-12 && svg.contains(">lenet5 DP dynamic</text>"))
         #expect(ScalingReport.markdown(rows: [], allreduce: [allreduce]).contains("| 4096 | 5.0 | 0.800 | 0.800 | 0.4 | 0.08 |"))
     }
 }

@@ -133,9 +133,17 @@ public enum ScalingReport {
         let maxNP = Double(rows.map(\.np).max() ?? 1)
         var speed: [Series] = [Series(name: "ideal", color: "#888", points: [(1, 1), (maxNP, maxNP)], dashed: true)]
         var eff: [Series] = [Series(name: "ideal", color: "#888", points: [(1, 1), (maxNP, 1)], dashed: true)]
-        for (k, key) in keys.enumerated() {
+        // One colour per model and family (strong solid, weak dashed), named once in a legend under
+        // the two panels, so that the lines stay visible.
+        var colorKeys: [String] = []
+        for key in keys {
+            let c = colorKey(key)
+            if !colorKeys.contains(c) { colorKeys.append(c) }
+        }
+        func colorKey(_ key: String) -> String { key.hasSuffix(" weak") ? String(key.dropLast(5)) : key.hasSuffix(" strong") ? String(key.dropLast(7)) : key }
+        for key in keys {
             let pts = lines[key]!.sorted { $0.0 < $1.0 }
-            let color = palette[k % palette.count]
+            let color = palette[colorKeys.firstIndex(of: colorKey(key))! % palette.count]
             speed.append(Series(name: key, color: color, points: pts.map { ($0.0, $0.1) }, dashed: key.hasSuffix("weak")))
             eff.append(Series(name: key, color: color, points: pts.map { ($0.0, $0.2) }, dashed: key.hasSuffix("weak")))
         }
@@ -143,14 +151,26 @@ public enum ScalingReport {
         let w = 1300.0, h = 420.0
         let panels = allreduce.isEmpty ? 2 : 3
         let pw = w / Double(panels)
-        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(h + 30))\" font-family=\"sans-serif\">\n"
+        let columns = 5, legendRows = (colorKeys.count + 1 + columns - 1) / columns
+        let legendTop = 24 + h + 8
+        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(legendTop + Double(legendRows) * 16 + 10))\" font-family=\"sans-serif\">\n"
         s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
         s += "<text x=\"\(w / 2)\" y=\"18\" text-anchor=\"middle\" font-size=\"13\" fill=\"#333\">\(xmlEscape(title))</text>\n"
         let shade = Double(cores) < maxNP ? Double(cores) + 0.5 : nil
         s += xyPanel(title: "Speedup (images/s vs 1 rank)", xLabel: "ranks", yLabel: "speedup", series: speed, x0: 0, y0: 24, width: pw, height: h,
-                     xTicks: npTicks, yMin: 0, shadeFrom: shade)
+                     xTicks: npTicks, yMin: 0, shadeFrom: shade, legend: false)
         s += xyPanel(title: "Efficiency (speedup / ranks)", xLabel: "ranks", yLabel: "efficiency", series: eff, x0: pw, y0: 24, width: pw, height: h,
-                     xTicks: npTicks, yMin: 0, shadeFrom: shade)
+                     xTicks: npTicks, yMin: 0, shadeFrom: shade, legend: false)
+        // The two panels' legend: each model and family (the title says strong solid, weak dashed),
+        // then the ideal line.
+        let entries = colorKeys.enumerated().map { ($0.element, palette[$0.offset % palette.count], false) } + [("ideal", "#888", true)]
+        let columnWidth = (w - 60) / Double(columns)
+        for (k, e) in entries.enumerated() {
+            let x = 60 + Double(k % columns) * columnWidth, y = legendTop + Double(k / columns) * 16 + 10
+            s += String(format: "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%@\" stroke-width=\"2\"%@/>", x, y - 4, x + 20, y - 4, e.1,
+                        e.2 ? " stroke-dasharray=\"5,3\"" : "")
+            s += String(format: "<text x=\"%.1f\" y=\"%.1f\" font-size=\"11\">%@</text>\n", x + 25, y, xmlEscape(e.0))
+        }
         if !allreduce.isEmpty {
             var bw: [Series] = []
             for (k, a) in allreduce.enumerated() {
@@ -175,7 +195,7 @@ public enum ScalingReport {
     /// A panel with x ticks at given positions, y from `yMin` (or the data) to the data's maximum,
     /// one polyline with markers per series, a legend, and optionally the region x >= `shadeFrom` shaded.
     static func xyPanel(title: String, xLabel: String, yLabel: String, series: [Series], x0: Double, y0: Double, width: Double, height: Double,
-                        xTicks: [(Double, String)], yMin: Double?, shadeFrom: Double?) -> String {
+                        xTicks: [(Double, String)], yMin: Double?, shadeFrom: Double?, legend: Bool = true) -> String {
         let ys = series.flatMap { $0.points.map(\.1) }.filter { $0.isFinite }
         let xs = series.flatMap { $0.points.map(\.0) } + xTicks.map(\.0)
         var lo = yMin ?? (ys.min() ?? 0), hi = (ys.max() ?? 1) * 1.08
@@ -203,6 +223,7 @@ public enum ScalingReport {
         s += SVGPlot.axisTitles(x: xLabel, y: yLabel, x0: x0, left: left, right: right, top: top, bottom: bottom)
         for (k, ser) in series.enumerated() {
             s += SVGPlot.curve(ser, px: px, py: py, markers: ser.name != "ideal" && !ser.name.hasPrefix("memcpy"))
+            guard legend else { continue }
             let ly = top + 14 + Double(k) * 15
             s += String(format: "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%@\" stroke-width=\"2\"%@/>", left + 8, ly - 4, left + 28, ly - 4, ser.color,
                         ser.dashed ? " stroke-dasharray=\"5,3\"" : "")
