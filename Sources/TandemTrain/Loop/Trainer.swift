@@ -139,10 +139,11 @@ public final class Trainer {
         BLAS.setThreads(1)
         balancing = config.parallel.balance && replicas > 1
         dynamic = config.parallel.dynamic && replicas > 1
+        let hasBatchNorm = graph.nodes.contains { if case .batchNorm? = $0.kind { return true } else { return false } }
         var bounds = config.parallel.chunkBounds(batch: config.batchSize, replicas: replicas)
         // Batch norm normalises each chunk over its own samples: none smaller than 8 (one sample
         // after a linear layer would normalise to beta).
-        if graph.nodes.contains(where: { if case .batchNorm? = $0.kind { return true } else { return false } }) {
+        if hasBatchNorm {
             bounds.min = max(bounds.min, min(bounds.max, 8))
         }
         chunkBounds = bounds
@@ -166,10 +167,10 @@ public final class Trainer {
         net.seed = config.seed
         sgd = SGD(graph: graph, settings: config.sgd)
         if let note = sync.note, comm.rank == 0 { fputs("tandem: \(note)\n", stderr) }
-        if balancing && !config.parallel.syncBN && graph.nodes.contains(where: { if case .batchNorm? = $0.kind { return true } else { return false } }) && comm.rank == 0 && !options.quiet {
+        if balancing && !config.parallel.syncBN && hasBatchNorm && comm.rank == 0 && !options.quiet {
             fputs("tandem: parallel.balance with batch norm and without parallel.sync_bn: each replica normalises over a share whose size follows the ranks' timing, so runs differ from one another and from one process; set sync_bn: true for the same statistics as one process\n", stderr)
         }
-        if dynamic && graph.nodes.contains(where: { if case .batchNorm? = $0.kind { return true } else { return false } }) && comm.rank == 0 && !options.quiet {
+        if dynamic && hasBatchNorm && comm.rank == 0 && !options.quiet {
             fputs("tandem: parallel.dynamic with batch norm: each chunk (\(chunkBounds.min) to \(chunkBounds.max) samples) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
         }
         net.observer = sync
@@ -415,15 +416,15 @@ public final class Trainer {
         // them the network's activations hold (for the NaN report).
         let r: (loss: Double, correct: Int)
         let taken: Int, resident: Int
+        // The forward and backward seconds (parallel.balance's measure of speed).
         var computeSeconds = 0.0
         if dynamic {
             var loss = 0.0, correct = 0, last = 0, total = 0
-            claimChunks(epoch: epoch, start: start, globalCount: m, step: step, timing: timing) { chunk, seconds in
+            claimChunks(epoch: epoch, start: start, globalCount: m, step: step, timing: timing) { chunk in
                 loss += chunk.loss
                 correct += chunk.correct
                 total += chunk.count
                 last = chunk.count
-                computeSeconds += seconds
             }
             r = (loss, correct)
             taken = total
@@ -463,14 +464,9 @@ public final class Trainer {
             // With balance, each replica's seconds per sample rides along (zero in the others' slots);
             // with dynamic shares, the samples each took.
             let count = balancing || dynamic ? 6 + replicas : 6
-            if balancing {
-                (stats + 6).update(repeating: 0, count: replicas)
-                if taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
-            }
-            if dynamic {
-                (stats + 6).update(repeating: 0, count: replicas)
-                stats[6 + replica] = Double(taken)
-            }
+            if count > 6 { (stats + 6).update(repeating: 0, count: replicas) }
+            if balancing && taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
+            if dynamic { stats[6 + replica] = Double(taken) }
             try monitor.watch(.loss, step: step, count: count) { try replicaComm.allreduceSum(stats, count: count) }
             if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
             if dynamic && m == config.batchSize {
@@ -510,13 +506,14 @@ public final class Trainer {
 
     /// parallel.dynamic: this rank's part of one optimiser step on global positions [start, start + m):
     /// claims chunks from the pool the replicas share until none is left, loading, forwarding and
-    /// backpropagating each (the gradients add up over the chunks) and handing each to `took` with
-    /// its compute seconds. The claim of the next chunk comes before a chunk's backward, so that the
-    /// last chunk's backward knows it is the last and posts the gradient buckets as it goes (overlap);
-    /// a rank that gets no chunk posts zero gradients. Every claim of a step comes before the rank's
-    /// gradient sync, which every rank finishes before any starts the next step's claims.
+    /// backpropagating each (the gradients add up over the chunks) and handing each chunk's loss,
+    /// correct count and size to `took`. The claim of the next chunk comes before a chunk's
+    /// backward, so that the last chunk's backward knows it is the last and posts the gradient
+    /// buckets as it goes (overlap); a rank that gets no chunk posts zero gradients. Every claim of
+    /// a step comes before the rank's gradient sync, which every rank finishes before any starts
+    /// the next step's claims.
     private func claimChunks(epoch: Int, start: Int, globalCount m: Int, step: Int, timing: StepTiming?,
-                             took: (_ chunk: (loss: Double, correct: Int, count: Int), _ seconds: Double) -> Void) {
+                             took: (_ chunk: (loss: Double, correct: Int, count: Int)) -> Void) {
         let counter = pool!.base.assumingMemoryBound(to: UInt64.self)
         poolTag &+= 1
         if poolTag == 0 { poolTag = 1 }   // 0 is the fresh segment's tag
@@ -553,7 +550,7 @@ public final class Trainer {
             if comm.rank == hooks.slowRank { usleep(UInt32(hooks.slowMicrosPerSample * n)) }
             let t2 = Clock.now
             timing?.compute += t2 - t0
-            took((r.loss, r.correct, n), t2 - t0)
+            took((r.loss, r.correct, n))
         }
     }
 
