@@ -100,8 +100,11 @@ import TandemCore
         }
         done.wait()
         #expect((0..<(steps * batch)).allSatisfy { i in (0..<ranks).reduce(0) { $0 + owner[$1 * steps * batch + i] } == 1 })
-        // Every rank claimed samples (they did claim at once).
-        #expect((0..<ranks).allSatisfy { r in (0..<(steps * batch)).contains { owner[r * steps * batch + $0] > 0 } })
+        // More than one thread claimed samples (the claims were not all one thread's). Not every
+        // thread: on a machine loaded with other tests a thread can miss every step's few
+        // microseconds of claims (seen once in CI-like runs of this suite).
+        let claimers = (0..<ranks).filter { r in (0..<(steps * batch)).contains { owner[r * steps * batch + $0] > 0 } }
+        #expect(claimers.count >= 2, "claimers \(claimers)")
     }
 
     @Test(arguments: [(threads: 2, transport: GradientSync.Transport.auto), (threads: 1, transport: .mpi)])
