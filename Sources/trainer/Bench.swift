@@ -13,9 +13,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Timed steps.") var steps: Int = 100
     @Option(help: "Write the results as JSON to this file.") var json: String?
     @Flag(help: "Random images of the config's shape instead of the dataset.") var synthetic = false
-    @Flag(help: "Size each replica's share of the batch to its measured speed (parallel.balance).") var balance = false
-    @Flag(help: "Replicas claim the batch's samples from a pool they share as they go (parallel.dynamic, one machine).") var dynamic = false
-    @Option(help: "With --dynamic, the largest chunk a replica claims (parallel.chunk).") var chunk: Int?
+    @OptionGroup var shares: ShareOptions
     @Flag(name: .customLong("per-layer"), help: "Print forward and backward time and GFLOP/s per layer.") var perLayer = false
     @Option(name: .customLong("gradient-sync"), help: "overlap (default: each bucket of gradients allreduced while backward runs) or after (one allreduce after backward).") var gradientSync: String = "overlap"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
@@ -30,7 +28,6 @@ struct Bench: ParsableCommand {
         if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
         if GradientSync.Transport(rawValue: transport) == nil { throw ValidationError("--transport must be auto or mpi, got \(transport)") }
         if bucketKB <= 0 { throw ValidationError("--bucket-kb must be positive, got \(bucketKB)") }
-        if let chunk, chunk <= 0 { throw ValidationError("--chunk must be positive, got \(chunk)") }
         for t in tag where !t.contains("=") { throw ValidationError("--tag must be key=value, got \(t)") }
     }
 
@@ -38,9 +35,7 @@ struct Bench: ParsableCommand {
         runReportingErrors {
             let comm = try makeWorld()
             var c = try common.load()
-            if balance { c.parallel.balance = true }
-            if dynamic { c.parallel.dynamic = true }
-            if let chunk { c.parallel.chunk = chunk }
+            try shares.apply(to: &c)
             let data = synthetic
                 ? try DataPipeline.synthetic(shape: c.input ?? Shape(1, 28, 28), classes: 10, train: max(4096, 4 * c.batchSize), test: 256, seed: c.seed)
                 : try DataPipeline(config: c.data)

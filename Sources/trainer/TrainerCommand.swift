@@ -109,6 +109,22 @@ func runReportingErrors(_ body: () throws -> Void) -> Never {
     }
 }
 
+/// How data-parallel replicas share each global batch (train and bench).
+struct ShareOptions: ParsableArguments {
+    @Flag(help: "Size each replica's share of the batch to its measured speed (parallel.balance).") var balance = false
+    @Flag(help: "Replicas claim the batch's samples from a pool they share as they go (parallel.dynamic, one machine).") var dynamic = false
+    @Option(help: "With --dynamic, the largest chunk a replica claims (parallel.chunk).") var chunk: Int?
+
+    func apply(to c: inout TrainConfig) throws {
+        if balance { c.parallel.balance = true }
+        if dynamic { c.parallel.dynamic = true }
+        if let chunk {
+            guard chunk > 0 else { throw ValidationError("--chunk must be positive, got \(chunk)") }
+            c.parallel.chunk = chunk
+        }
+    }
+}
+
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Train a config (the default subcommand).")
     @OptionGroup var common: CommonOptions
@@ -125,9 +141,7 @@ struct Train: ParsableCommand {
     var gradientSync: String = "overlap"
     @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
     @Option(help: "How overlap's buckets travel: auto (shared memory when every rank is on one machine, else MPI) or mpi.") var transport: String = "auto"
-    @Flag(help: "Size each replica's share of the batch to its measured speed (parallel.balance).") var balance = false
-    @Flag(help: "Replicas claim the batch's samples from a pool they share as they go (parallel.dynamic, one machine).") var dynamic = false
-    @Option(help: "With --dynamic, the largest chunk a replica claims (parallel.chunk).") var chunk: Int?
+    @OptionGroup var shares: ShareOptions
     @Flag(help: "Print only errors and the final line.") var quiet = false
 
     func run() throws {
@@ -140,12 +154,7 @@ struct Train: ParsableCommand {
                 if let epochs { c.epochs = epochs }
                 if let lr { c.lr = lr }
                 if let maxSteps { c.maxSteps = maxSteps }
-                if balance { c.parallel.balance = true }
-                if dynamic { c.parallel.dynamic = true }
-                if let chunk {
-                    guard chunk > 0 else { throw ValidationError("--chunk must be positive, got \(chunk)") }
-                    c.parallel.chunk = chunk
-                }
+                try shares.apply(to: &c)
                 let data = try DataPipeline(config: c.data)
                 _ = try Trainer.checkLayout(config: c, data: data, worldSize: world.size)
                 return (c, data)

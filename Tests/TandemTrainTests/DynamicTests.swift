@@ -102,7 +102,7 @@ import TandemCore
         #expect((0..<(steps * batch)).allSatisfy { i in (0..<ranks).reduce(0) { $0 + owner[$1 * steps * batch + i] } == 1 })
         // More than one thread claimed samples (the claims were not all one thread's). Not every
         // thread: on a machine loaded with other tests a thread can miss every step's few
-        // microseconds of claims (seen once in CI-like runs of this suite).
+        // microseconds of claims (seen once in a full `launch/test` run).
         let claimers = (0..<ranks).filter { r in (0..<(steps * batch)).contains { owner[r * steps * batch + $0] > 0 } }
         #expect(claimers.count >= 2, "claimers \(claimers)")
     }

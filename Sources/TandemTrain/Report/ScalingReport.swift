@@ -122,28 +122,25 @@ public enum ScalingReport {
         }
         var keys: [String] = []
         var lines: [String: [(Double, Double, Double)]] = [:]   // key -> (np, speedup, efficiency)
+        // One colour per model and family (strong solid, weak dashed), named once in a legend under
+        // the two panels, so that the lines stay visible.
+        var colorKeys: [String] = []
+        var colorOf: [String: Int] = [:]   // key -> palette index
         for r in rows where r.speedup.isFinite {
             let fams = r.np == 1 ? Array(Set(rows.filter { $0.model == r.model && $0.mode == r.mode }.map(family))).sorted() : [family(r)]
             for fam in fams {
-                let key = "\(r.model) \(fam) \(r.mode)"
-                if lines[key] == nil { keys.append(key) }
+                let key = "\(r.model) \(fam) \(r.mode)", colorKey = "\(r.model) \(fam)"
+                if !colorKeys.contains(colorKey) { colorKeys.append(colorKey) }
+                if lines[key] == nil { keys.append(key); colorOf[key] = colorKeys.firstIndex(of: colorKey)! }
                 lines[key, default: []].append((Double(r.np), r.speedup, r.efficiency))
             }
         }
         let maxNP = Double(rows.map(\.np).max() ?? 1)
         var speed: [Series] = [Series(name: "ideal", color: "#888", points: [(1, 1), (maxNP, maxNP)], dashed: true)]
         var eff: [Series] = [Series(name: "ideal", color: "#888", points: [(1, 1), (maxNP, 1)], dashed: true)]
-        // One colour per model and family (strong solid, weak dashed), named once in a legend under
-        // the two panels, so that the lines stay visible.
-        var colorKeys: [String] = []
-        for key in keys {
-            let c = colorKey(key)
-            if !colorKeys.contains(c) { colorKeys.append(c) }
-        }
-        func colorKey(_ key: String) -> String { key.hasSuffix(" weak") ? String(key.dropLast(5)) : key.hasSuffix(" strong") ? String(key.dropLast(7)) : key }
         for key in keys {
             let pts = lines[key]!.sorted { $0.0 < $1.0 }
-            let color = palette[colorKeys.firstIndex(of: colorKey(key))! % palette.count]
+            let color = palette[colorOf[key]! % palette.count]
             speed.append(Series(name: key, color: color, points: pts.map { ($0.0, $0.1) }, dashed: key.hasSuffix("weak")))
             eff.append(Series(name: key, color: color, points: pts.map { ($0.0, $0.2) }, dashed: key.hasSuffix("weak")))
         }
