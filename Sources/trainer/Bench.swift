@@ -15,9 +15,7 @@ struct Bench: ParsableCommand {
     @Flag(help: "Random images of the config's shape instead of the dataset.") var synthetic = false
     @OptionGroup var shares: ShareOptions
     @Flag(name: .customLong("per-layer"), help: "Print forward and backward time and GFLOP/s per layer.") var perLayer = false
-    @Option(name: .customLong("gradient-sync"), help: "overlap (default: each bucket of gradients allreduced while backward runs) or after (one allreduce after backward).") var gradientSync: String = "overlap"
-    @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
-    @Option(help: "How overlap's buckets travel: auto (shared memory when every rank is on one machine, else MPI) or mpi.") var transport: String = "auto"
+    @OptionGroup var sync: SyncOptions
     @Option(help: ArgumentHelp("Write a Chrome trace (Perfetto, chrome://tracing) of the timed steps: per layer forward and backward, allreduces, data, optimiser; FILE.rankN per rank under MPI.", valueName: "file"))
     var trace: String?
     @Option(help: ArgumentHelp("Add key=value to the JSON (repeatable; launch/scaling-benchmark labels its rows with it).", valueName: "key=value"))
@@ -25,9 +23,6 @@ struct Bench: ParsableCommand {
 
     mutating func validate() throws {
         if warmup < 0 || steps <= 0 { throw ValidationError("--warmup must be >= 0 and --steps positive") }
-        if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
-        if GradientSync.Transport(rawValue: transport) == nil { throw ValidationError("--transport must be auto or mpi, got \(transport)") }
-        if bucketKB <= 0 { throw ValidationError("--bucket-kb must be positive, got \(bucketKB)") }
         for t in tag where !t.contains("=") { throw ValidationError("--tag must be key=value, got \(t)") }
     }
 
@@ -41,9 +36,7 @@ struct Bench: ParsableCommand {
                 : try DataPipeline(config: c.data)
             var o = RunOptions()
             o.quiet = true
-            o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
-            o.bucketKB = bucketKB
-            o.transport = GradientSync.Transport(rawValue: transport)!
+            sync.apply(to: &o)
             o.ranksOnThisMachine = ranksOnThisMachine(comm)
             o.initWeights = common.initWeights
             let trainer = try Trainer(config: c, comm: comm, data: data, options: o)
@@ -104,8 +97,9 @@ struct Bench: ParsableCommand {
             if let trace { print("trace: " + (comm.size > 1 ? "\(trace).rank0 .. \(trace).rank\(comm.size - 1)" : trace)) }
             print(names.map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
             if trainer.sync.active {
-                print(String(format: "gradient sync (%@ through %@, %d bucket(s)): allreduces %.3f ms per step, %.3f ms of it waited for after backward",
-                             trainer.sync.mode.rawValue, trainer.sync.transportName, trainer.sync.buckets.count, allreduceMs, phases["allreduce_wait"]!)
+                print(String(format: "gradient sync (%@ through %@, %d bucket(s)%@): allreduces %.3f ms per step, %.3f ms of it waited for after backward",
+                             trainer.sync.mode.rawValue, trainer.sync.transportName, trainer.sync.buckets.count,
+                             trainer.sync.updatesParameters ? ", sharded update" : "", allreduceMs, phases["allreduce_wait"]!)
                       + (trainer.sync.transportName == "shared memory" ? String(format: " (gradients %.3f ms, %.3f ms of that for the slowest rank's backward; the loss sum the rest)", gradientWaitMs, slowestMs) : ""))
             }
             if trainer.balancing { print("balance: shares of the batch at the end " + trainer.shares.map(String.init).joined(separator: ", ")) }
@@ -134,7 +128,8 @@ struct Bench: ParsableCommand {
                 let result: [String: Any] = [
                     "config": c.source, "images_per_second": images / elapsed, "world_size": comm.size, "threads": trainer.threads,
                     "batch_size": c.batchSize, "steps": steps, "warmup": warmup, "phases_ms": phases,
-                    "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": trainer.sync.mode.rawValue, "bucket_kb": bucketKB,
+                    "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": trainer.sync.mode.rawValue, "bucket_kb": sync.bucketKB,
+                    "update": trainer.sync.updatesParameters ? "sharded" : "replicated",
                     "transport": trainer.sync.transportName, "balance": trainer.balancing, "dynamic": trainer.dynamic, "shares": trainer.shares, "wait_for_slowest_rank_ms": slowestMs, "gradient_wait_ms": gradientWaitMs,
                     "allreduce_ms": allreduceMs, "buckets": trainer.sync.buckets.count,
                     "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,

@@ -125,6 +125,30 @@ struct ShareOptions: ParsableArguments {
     }
 }
 
+/// How the gradients are synchronised (train and bench alike).
+struct SyncOptions: ParsableArguments {
+    @Option(name: .customLong("gradient-sync"), help: "overlap (default): each bucket of gradients allreduced while backward runs; after: one allreduce after backward.")
+    var gradientSync: String = "overlap"
+    @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
+    @Option(help: "How overlap's buckets travel: auto (shared memory when every rank is on one machine, else MPI) or mpi.") var transport: String = "auto"
+    @Option(help: "With the buckets in shared memory: sharded (default: the ranks share one copy of the parameters and SGD state, each updating its slices as it sums them) or replicated (each rank updates its own copy after the allreduce).")
+    var update: String = "sharded"
+
+    func validate() throws {
+        if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
+        if GradientSync.Transport(rawValue: transport) == nil { throw ValidationError("--transport must be auto or mpi, got \(transport)") }
+        if bucketKB <= 0 { throw ValidationError("--bucket-kb must be positive, got \(bucketKB)") }
+        if update != "sharded" && update != "replicated" { throw ValidationError("--update must be sharded or replicated, got \(update)") }
+    }
+
+    func apply(to o: inout RunOptions) {
+        o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
+        o.bucketKB = bucketKB
+        o.transport = GradientSync.Transport(rawValue: transport)!
+        o.shardedUpdate = update == "sharded"
+    }
+}
+
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Train a config (the default subcommand).")
     @OptionGroup var common: CommonOptions
@@ -137,10 +161,7 @@ struct Train: ParsableCommand {
     @Option(name: .customLong("summary-json"), help: "Also write summary.json to this file.") var summaryJSON: String?
     @Option(help: ArgumentHelp("Write a Chrome trace (Perfetto, chrome://tracing) of the run at its end: per layer forward and backward, allreduces, data, optimiser, evaluations; FILE.rankN per rank under MPI. Large for long runs: combine with --max-steps.", valueName: "file"))
     var trace: String?
-    @Option(name: .customLong("gradient-sync"), help: "overlap (default): each bucket of gradients allreduced while backward runs; after: one allreduce after backward.")
-    var gradientSync: String = "overlap"
-    @Option(name: .customLong("bucket-kb"), help: "Smallest gradient bucket, in KiB.") var bucketKB: Int = 64
-    @Option(help: "How overlap's buckets travel: auto (shared memory when every rank is on one machine, else MPI) or mpi.") var transport: String = "auto"
+    @OptionGroup var sync: SyncOptions
     @OptionGroup var shares: ShareOptions
     @Flag(help: "Print only errors and the final line.") var quiet = false
 
@@ -163,9 +184,7 @@ struct Train: ParsableCommand {
             o.outDir = out ?? "runs/\(common.name)"
             o.summaryJSON = summaryJSON
             o.quiet = quiet
-            o.gradientMode = GradientSync.Mode(rawValue: gradientSync)!
-            o.bucketKB = bucketKB
-            o.transport = GradientSync.Transport(rawValue: transport)!
+            sync.apply(to: &o)
             o.ranksOnThisMachine = ranksOnThisMachine(world)
             o.resume = resume
             o.initWeights = common.initWeights
@@ -180,9 +199,6 @@ struct Train: ParsableCommand {
         if let epochs, !(epochs > 0) { throw ValidationError("--epochs must be positive, got \(epochs)") }
         if let lr, !(lr > 0) { throw ValidationError("--lr must be positive, got \(lr)") }
         if let maxSteps, maxSteps <= 0 { throw ValidationError("--max-steps must be positive, got \(maxSteps)") }
-        if GradientSync.Mode(rawValue: gradientSync) == nil { throw ValidationError("--gradient-sync must be overlap or after, got \(gradientSync)") }
-        if GradientSync.Transport(rawValue: transport) == nil { throw ValidationError("--transport must be auto or mpi, got \(transport)") }
-        if bucketKB <= 0 { throw ValidationError("--bucket-kb must be positive, got \(bucketKB)") }
         if let resume, resume.isEmpty { throw ValidationError("--resume needs a checkpoint file, a folder or auto") }
     }
 }

@@ -128,6 +128,35 @@ private func expectClose(_ got: [Double], _ want: [Double], _ what: String, tole
         expectClose(steps[0], [0, 0, 1, 1, 1], "only weights regularised")
     }
 
+    // The sharded update: each rank updates its slices of each bucket, cut anywhere (across
+    // tensors, weights and biases alike): the same bits as one update of the whole buffer.
+    @Test func updatesInSlicesMatchTheWholeBitForBit() throws {
+        // LeNet-5 without batch norm: weights (regularised) and biases (not) in turn.
+        let graph = try Graph(input: Shape(1, 28, 28), layers: Models.lenet5(batchNorm: false))
+        let n = graph.parameterCount
+        let settings = SGDSettings(momentum: 0.9, nesterov: true, weightDecay: 0.01, l1: 0.001)
+        var rng = SeededGenerator(seed: 5)
+        var start = [Float](repeating: 0, count: n)
+        for i in 0..<n { start[i] = Float(Double(rng.next() % 2001) / 1000 - 1) }
+        let whole = SGD<Float>(graph: graph, settings: settings), sliced = SGD<Float>(graph: graph, settings: settings)
+        var a = start, b = start
+        for step in 0..<3 {
+            var g = [Float](repeating: 0, count: n)
+            for i in 0..<n { g[i] = Float(Double(rng.next() % 2001) / 1000 - 1) }
+            a.withUnsafeMutableBufferPointer { w in g.withUnsafeMutableBufferPointer { whole.step(parameters: w, gradients: $0, lr: 0.1) } }
+            // Cuts that move every step, some inside tensors, one empty slice.
+            let cuts = [0, 7 + step, 7 + step, n / 3, n / 2 + step, n]
+            for k in 0..<(cuts.count - 1) {
+                b.withUnsafeMutableBufferPointer { w in
+                    g.withUnsafeBufferPointer { sliced.step(range: cuts[k]..<cuts[k + 1], parameters: w.baseAddress!, gradients: $0.baseAddress!, lr: 0.1) }
+                }
+            }
+        }
+        #expect(a == b)
+        #expect(Array(whole.velocity) == Array(sliced.velocity))
+        #expect(a != start)
+    }
+
     @Test func floatMatchesDouble() throws {
         let settings = SGDSettings(momentum: 0.9, nesterov: true, weightDecay: 0.01, l1: 0.001)
         let d = sgdTrajectory(try tinyLinear(), settings, start: Self.start, gradients: Self.gradients, lr: [0.1, 0.05, 0.02])

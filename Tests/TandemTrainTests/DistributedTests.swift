@@ -66,6 +66,55 @@ func relativeDifference(_ a: [Float], _ b: [Float]) -> Double {
         #expect(shared.parameters == viaComm.parameters)
     }
 
+    // The sharded update (one copy of the parameters and velocity in shared memory, each rank
+    // updating its slices): the same steps bit for bit as every rank updating its own copy, the
+    // velocity included (3 ranks: uneven slices).
+    @Test(arguments: [2, 3])
+    func shardedUpdateMatchesReplicatedBitForBit(ranks: Int) throws {
+        var c = try config(lenetYAML)
+        c.batchSize = 48
+        c.sgd = SGDSettings(momentum: 0.9, nesterov: true, weightDecay: 0.01, l1: 0.001)
+        final class Box: @unchecked Sendable { var velocity: [[Float]] = [[], []]; var sharded: [Bool] = [false, false] }
+        let box = Box()
+        func run(_ sharded: Bool) throws -> (losses: [Double], parameters: [Float]) {
+            try trainInProcess(c, ranks: ranks, steps: 5, sharded: sharded, finished: { t in
+                let v = try! t.wholeModel(t.sgd.velocity, tensors: \.parameters)
+                if t.comm.rank == 0 { box.velocity[sharded ? 0 : 1] = v; box.sharded[sharded ? 0 : 1] = t.sync.updatesParameters }
+            }, data: syntheticData)
+        }
+        let sharded = try run(true), replicated = try run(false)
+        #expect(box.sharded == [true, false])
+        #expect(sharded.losses == replicated.losses)
+        #expect(sharded.parameters == replicated.parameters)
+        #expect(box.velocity[0] == box.velocity[1] && box.velocity[0].contains { $0 != 0 })
+    }
+
+    // A NaN in one rank's gradients only (its loss gradient scaled by NaN, its loss finite): every
+    // rank stops at that step naming the same tensor (none hangs), with the update sharded (where
+    // each rank holds only its slices' sums) or not.
+    @Test(arguments: [true, false])
+    func aNaNGradientOnOneRankStopsEveryRank(sharded: Bool) throws {
+        let c = try config(lenetYAML)
+        final class Box: @unchecked Sendable { var errors = ["", ""] }
+        let box = Box()
+        try ThreadCommunicator.run(size: 2) { comm in
+            var o = RunOptions()
+            o.quiet = true
+            o.bucketKB = 16
+            o.shardedUpdate = sharded
+            let t = try Trainer(config: c, comm: comm, data: try syntheticData(), options: o)
+            t.hooks.poisonRank = 1
+            t.hooks.poisonStep = 2
+            t.data.shuffle(epoch: 0, seed: c.seed)
+            do {
+                for s in 0..<4 { _ = try t.step(epoch: 0, start: s * c.batchSize, globalCount: c.batchSize, step: s, lr: c.lr) }
+            } catch { box.errors[comm.rank] = "\(error)" }
+        }
+        // Both name the step and tensor; the poisoned rank also says where its own activations went bad.
+        for e in box.errors { #expect(e.hasPrefix("step 2: the gradient of 'conv1.weight' holds NaN or Inf;"), "\(box.errors)") }
+        #expect(box.errors[1].contains("the activations first went bad in the gradient of layer 'fc2''s output"), "\(box.errors[1])")
+    }
+
     @Test func sharedMemoryAllreduceSumsEveryElementStepAfterStep() throws {
         // Odd sizes (slices not multiples of 16), ranks contributing different values, ten calls in
         // a row (step numbers, slots reused), rank 2 slower than the others.
@@ -95,7 +144,17 @@ func relativeDifference(_ a: [Float], _ b: [Float]) -> Double {
                 _ = try Trainer(config: c, comm: comm, data: try syntheticData(), options: o)
             }
         } throws: { error in
-            "\(error)".contains("gradient sync: ranks were started with different options: rank 1 has --gradient-sync overlap --bucket-kb 32 --transport auto, rank 0 --gradient-sync overlap --bucket-kb 16")
+            "\(error)".contains("gradient sync: ranks were started with different options: rank 1 has --gradient-sync overlap --bucket-kb 32 --transport auto --update sharded, rank 0 --gradient-sync overlap --bucket-kb 16")
+        }
+        #expect {
+            try ThreadCommunicator.run(size: 2) { comm in
+                var o = RunOptions()
+                o.quiet = true
+                o.shardedUpdate = comm.rank == 0
+                _ = try Trainer(config: c, comm: comm, data: try syntheticData(), options: o)
+            }
+        } throws: { error in
+            "\(error)".contains("--transport auto --update replicated, rank 0 --gradient-sync overlap --bucket-kb 64 --transport auto --update sharded; every rank needs the same")
         }
     }
 

@@ -30,7 +30,7 @@ func expectError(_ fragments: [String], _ body: () throws -> Void) -> String? {
 /// `prepare` runs on each rank's trainer before the first step, `finished` after the last.
 /// `threads`: per rank; `counts`: each step's global batch (default: the config's, every step).
 func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, threads: Int = 1, counts: [Int]? = nil,
-                    transport: GradientSync.Transport = .auto, transportUsed: ((String) -> Void)? = nil,
+                    transport: GradientSync.Transport = .auto, sharded: Bool = true, transportUsed: ((String) -> Void)? = nil,
                     prepare: ((Trainer) -> Void)? = nil, finished: ((Trainer) -> Void)? = nil,
                     data: @escaping @Sendable () throws -> DataPipeline) throws -> (losses: [Double], parameters: [Float]) {
     final class Box: @unchecked Sendable { var losses: [Double] = []; var params: [Float] = [] }
@@ -42,6 +42,7 @@ func trainInProcess(_ cfg: TrainConfig, ranks: Int, steps: Int, threads: Int = 1
         o.quiet = true
         o.bucketKB = 16
         o.transport = transport
+        o.shardedUpdate = sharded
         var c = cfg
         c.parallel.threads = threads
         let t = try Trainer(config: c, comm: comm, data: try data(), options: o)

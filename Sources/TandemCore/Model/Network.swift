@@ -100,9 +100,12 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     ///   - gradients: memory of `graph.parameterCount` zeroed values to hold the gradient buffer (the
     ///     gradient sync's shared-memory slot), owned by `gradientsOwner`, which the network keeps
     ///     alive; nil: memory of its own.
+    ///   - parameters: likewise for the parameters (the replicas' shared copy with a sharded
+    ///     update, also owned by `gradientsOwner`); nil: memory of its own.
     public init(graph: Graph, capacity: Int, parts: Int = 1, loss: LossKind = .softmaxCrossEntropy, inputGradient: Bool = false,
-                exchange: TowerExchange? = nil, gradients external: UnsafeMutablePointer<T>? = nil, gradientsOwner: AnyObject? = nil) {
-        precondition(external == nil || gradientsOwner != nil, "external gradients need their owner")
+                exchange: TowerExchange? = nil, gradients external: UnsafeMutablePointer<T>? = nil, parameters externalParameters: UnsafeMutablePointer<T>? = nil,
+                gradientsOwner: AnyObject? = nil) {
+        precondition((external == nil && externalParameters == nil) || gradientsOwner != nil, "external buffers need their owner")
         self.gradientsOwner = gradientsOwner
         precondition(capacity > 0 && parts > 0)
         precondition(parts == 1 || !graph.nodes.contains { if case .towerGather? = $0.kind { return true } else { return false } },
@@ -117,7 +120,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
             return p
         }
         var owned: [UnsafeMutableRawPointer] = []
-        parameters = UnsafeMutableBufferPointer(start: alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
+        parameters = UnsafeMutableBufferPointer(start: externalParameters ?? alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
         gradients = UnsafeMutableBufferPointer(start: external ?? alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
         statistics = UnsafeMutableBufferPointer(start: alloc(T.self, graph.statisticsCount, into: &owned), count: graph.statisticsCount)
         labels = alloc(Int32.self, capacity, into: &owned)

@@ -21,17 +21,54 @@ public final class SGD<T: Scalar> {
     public let settings: SGDSettings
     /// Momentum buffer, one value per parameter (part of the optimiser state in checkpoints).
     public let velocity: UnsafeMutableBufferPointer<T>
+    private let ownsVelocity: Bool
     /// Ranges of the flat buffer that are regularised (conv and linear weights).
     let regularised: [Range<Int>]
     let unregularised: [Range<Int>]
+    /// Every parameter tensor in buffer order: its start, end and whether it is regularised
+    /// (`step(range:)` walks them without allocating).
+    private let tensorCount: Int
+    private let tensorStarts: UnsafeMutablePointer<Int>
+    private let tensorEnds: UnsafeMutablePointer<Int>
+    private let tensorRegularised: UnsafeMutablePointer<Bool>
 
-    public init(graph: Graph, settings: SGDSettings) {
+    /// - Parameter external: memory of `graph.parameterCount` zeroed values to hold the velocity
+    ///   (the replicas' shared copy with a sharded update), owned by the caller; nil: its own.
+    public init(graph: Graph, settings: SGDSettings, velocity external: UnsafeMutablePointer<T>? = nil) {
         self.settings = settings
-        velocity = UnsafeMutableBufferPointer(start: allocateZeroed(T.self, count: graph.parameterCount), count: graph.parameterCount)
+        velocity = UnsafeMutableBufferPointer(start: external ?? allocateZeroed(T.self, count: graph.parameterCount), count: graph.parameterCount)
+        ownsVelocity = external == nil
         regularised = graph.parameters.filter { $0.role == .weight }.map { $0.offset..<($0.offset + $0.count) }
         unregularised = graph.parameters.filter { $0.role != .weight }.map { $0.offset..<($0.offset + $0.count) }
+        let tensors = graph.parameters.sorted { $0.offset < $1.offset }
+        tensorCount = tensors.count
+        tensorStarts = .allocate(capacity: max(1, tensors.count))
+        tensorEnds = .allocate(capacity: max(1, tensors.count))
+        tensorRegularised = .allocate(capacity: max(1, tensors.count))
+        for (i, t) in tensors.enumerated() {
+            tensorStarts[i] = t.offset
+            tensorEnds[i] = t.offset + t.count
+            tensorRegularised[i] = t.role == .weight
+        }
     }
-    deinit { velocity.baseAddress!.deallocate() }
+    deinit {
+        if ownsVelocity { velocity.baseAddress!.deallocate() }
+        tensorStarts.deallocate(); tensorEnds.deallocate(); tensorRegularised.deallocate()
+    }
+
+    /// The update of the parameters in `range` only (a rank's slice of a bucket, with the update
+    /// sharded over the replicas): each value gets exactly what `step` gives it.
+    public func step(range: Range<Int>, parameters: UnsafeMutablePointer<T>, gradients: UnsafePointer<T>, lr: Double) {
+        let v = velocity.baseAddress!
+        let l2 = T(settings.weightDecay), l1 = T(settings.l1), momentum = T(settings.momentum)
+        for i in 0..<tensorCount {
+            let lo = max(range.lowerBound, tensorStarts[i]), hi = min(range.upperBound, tensorEnds[i])
+            guard lo < hi else { continue }
+            let reg = tensorRegularised[i]
+            sgdUpdate(parameters + lo, gradients + lo, v + lo, count: hi - lo, lr: T(lr), momentum: momentum,
+                      nesterov: settings.nesterov, l2: reg ? l2 : 0, l1: reg ? l1 : 0)
+        }
+    }
 
     /// One update of `parameters` from `gradients` with learning rate `lr`.
     public func step(parameters: UnsafeMutableBufferPointer<T>, gradients: UnsafeMutableBufferPointer<T>, lr: Double) {

@@ -85,9 +85,11 @@ public final class GradientSync: GradientObserver {
     /// - Parameter bucketBytes: the smallest bucket; buckets end on parameter-tensor boundaries.
     /// Every rank of `comm` must create its GradientSync at the same point (overlap splits `comm`),
     /// before the network, which takes `gradients` as its gradient buffer.
-    public init(comm: Communicator, graph: Graph, mode: Mode, bucketBytes: Int, transport: Transport = .auto) throws {
+    /// - Parameter sharded: through shared memory, hold one copy of the parameters and velocity for
+    ///   every rank and update each rank's slices as they are summed (`updatesParameters`).
+    public init(comm: Communicator, graph: Graph, mode: Mode, bucketBytes: Int, transport: Transport = .auto, sharded: Bool = false) throws {
         self.comm = comm
-        if comm.size > 1 { try Self.checkSameOptions(comm: comm, mode: mode, bucketBytes: bucketBytes, transport: transport) }
+        if comm.size > 1 { try Self.checkSameOptions(comm: comm, mode: mode, bucketBytes: bucketBytes, transport: transport, sharded: sharded) }
         var cuts: [Range<Int>] = []
         var end = graph.parameterCount
         let minCount = max(1, bucketBytes / MemoryLayout<Float>.stride)
@@ -99,7 +101,7 @@ public final class GradientSync: GradientObserver {
         var mode = mode
         var shared: SharedMemoryReduce?
         if mode == .overlap && comm.size > 1 && transport == .auto {
-            switch try SharedMemoryReduce.make(comm: comm, count: graph.parameterCount, buckets: cuts) {
+            switch try SharedMemoryReduce.make(comm: comm, count: graph.parameterCount, buckets: cuts, sharded: sharded) {
             case .success(let engine): shared = engine
             case .failure(.otherMachines): break
             case .failure(let reason): note = "gradient sync: \(reason), so buckets go through MPI"
@@ -136,18 +138,38 @@ public final class GradientSync: GradientObserver {
 
     /// Ranks started with different sync options would hang at the first bucket (or at the split of
     /// the communicator): every rank compares its options with rank 0's and stops with one line.
-    private static func checkSameOptions(comm: Communicator, mode: Mode, bucketBytes: Int, transport: Transport) throws {
-        var mine: [Int64] = [mode == .overlap ? 0 : 1, Int64(bucketBytes), transport == .auto ? 0 : 1]
-        var all = [Int64](repeating: 0, count: 3 * comm.size)
-        try mine.withUnsafeMutableBytes { m in try all.withUnsafeMutableBytes { try comm.allgather(m.baseAddress!, bytes: 24, into: $0.baseAddress!) } }
-        guard let r = (1..<comm.size).first(where: { all[(3 * $0)..<(3 * $0 + 3)] != all[0..<3] }) else { return }
+    private static func checkSameOptions(comm: Communicator, mode: Mode, bucketBytes: Int, transport: Transport, sharded: Bool) throws {
+        var mine: [Int64] = [mode == .overlap ? 0 : 1, Int64(bucketBytes), transport == .auto ? 0 : 1, sharded ? 0 : 1]
+        var all = [Int64](repeating: 0, count: 4 * comm.size)
+        try mine.withUnsafeMutableBytes { m in try all.withUnsafeMutableBytes { try comm.allgather(m.baseAddress!, bytes: 32, into: $0.baseAddress!) } }
+        guard let r = (1..<comm.size).first(where: { all[(4 * $0)..<(4 * $0 + 4)] != all[0..<4] }) else { return }
         func describe(_ q: Int) -> String {
-            "--gradient-sync \(all[3 * q] == 0 ? "overlap" : "after") --bucket-kb \(all[3 * q + 1] / 1024) --transport \(all[3 * q + 2] == 0 ? "auto" : "mpi")"
+            "--gradient-sync \(all[4 * q] == 0 ? "overlap" : "after") --bucket-kb \(all[4 * q + 1] / 1024) --transport \(all[4 * q + 2] == 0 ? "auto" : "mpi") --update \(all[4 * q + 3] == 0 ? "sharded" : "replicated")"
         }
         throw CommError("gradient sync: ranks were started with different options: rank \(r) has \(describe(r)), rank 0 \(describe(0)); every rank needs the same")
     }
 
     public var active: Bool { comm.size > 1 }
+
+    /// Sharded update: the parameters and SGD velocity every rank of the group shares (nil otherwise).
+    public var sharedParameters: UnsafeMutablePointer<Float>? { shared?.sharedParameters }
+    public var sharedVelocity: UnsafeMutablePointer<Float>? { shared?.sharedVelocity }
+    /// Whether `finish` leaves the parameters updated (sharded update): the caller runs no
+    /// optimiser step, and only this rank's slices of `gradients` hold the summed gradient.
+    public var updatesParameters: Bool { shared?.optimizer != nil }
+
+    /// Sharded update: the optimiser (whose velocity is `sharedVelocity`) that updates this rank's
+    /// slices of `sharedParameters` as they are summed.
+    public func attach(optimizer: SGD<Float>) {
+        precondition(shared?.sharedParameters != nil && optimizer.velocity.baseAddress == shared?.sharedVelocity, "a sharded update needs the shared velocity")
+        shared!.optimizer = optimizer
+    }
+
+    /// This step's learning rate for the sharded update; set before backward.
+    public var learningRate: Double {
+        get { shared?.learningRate ?? 0 }
+        set { shared?.learningRate = newValue }
+    }
 
     /// Called by backward: every gradient at offset >= `offset` is final.
     public func gradientsReady(from offset: Int) {
@@ -177,7 +199,8 @@ public final class GradientSync: GradientObserver {
         if let worker, worker.inFlight.load(ordering: .relaxed) { comm.progress() }
     }
 
-    /// Completes every allreduce; call after backward, before the optimiser step.
+    /// Completes every allreduce; call after backward, before the optimiser step (with
+    /// `updatesParameters`, after the optimiser step too).
     public func finish() throws {
         guard active else { return }
         let start = Clock.now

@@ -18,6 +18,7 @@
 //   slots: per rank, the whole flat gradient buffer (parameterCount floats, 64-byte aligned). For
 //          the training loop the slot *is* the rank's gradient buffer (backward writes it), so
 //          posting a bucket copies nothing; `single` (bench-allreduce) copies a buffer of its own in.
+//   sharded update only: the parameters, then the SGD velocity (parameterCount floats each).
 // Each bucket is cut into one slice per rank. A step (number s, from 1):
 //   release(b): wait until every rank's gathered[b] >= s-1 (none still reads my slot from the last
 //               step); with a buffer of its own, copy b but my own slice into my slot (only the
@@ -30,6 +31,16 @@
 // the buffer, the network asks `awaitSlotFree`, which waits until every rank's gathered[b] >= s for
 // every bucket (in the training loop at once: its per-step loss allreduce, which every rank enters
 // only after `finish`, already orders it).
+// Sharded update (session 8, `--update sharded`, the default): the segment also holds one copy of
+// the parameters and one of the SGD velocity, which every rank's network and optimiser use. A rank
+// that has summed its slice of a bucket applies the optimiser step to that slice of the shared
+// parameters at once (between backward layers, while the other ranks may still run backward on
+// earlier layers: every rank's ready[b] says none reads bucket b's parameters again this step), and
+// nothing is copied out: `gathered` then only says the rank has seen every slice updated. Each rank
+// so updates 1/ranks of the parameters instead of all of them, the sums' copy-out is gone, and the
+// machine holds one copy of the model and its optimiser state instead of one per rank (ZeRO stage 1
+// within a machine, with no allgather since the parameters are shared). `finish` returns once every
+// rank has updated its slices, so the next forward reads the new parameters everywhere.
 // Every slice is summed by one rank, in rank order, so every rank gets the same bits. Flags are
 // stored with release and loaded with acquire ordering. The loss gradient is already scaled by
 // 1 / global batch, so the sum is the average gradient.
@@ -37,6 +48,7 @@ import CKernels
 import Foundation
 import Synchronization
 import TandemComm
+import TandemCore
 
 /// Memory every rank of a communicator maps: POSIX shared memory that rank 0 creates and unlinks
 /// once every rank has mapped it (nothing is left in /dev/shm, even if the job dies).
@@ -188,6 +200,12 @@ public final class SharedMemoryReduce {
     private var stepOpen = false
     /// Buckets completed this step.
     private var completed = 0
+    /// Sharded update: the parameters and velocity every rank shares (in the segment), the
+    /// optimiser that updates this rank's slices as they are summed, and this step's learning rate.
+    let sharedParameters: UnsafeMutablePointer<Float>?
+    let sharedVelocity: UnsafeMutablePointer<Float>?
+    var optimizer: SGD<Float>?
+    var learningRate = 0.0
 
     private static let ready = 0, reduced = 1, gathered = 2
 
@@ -195,24 +213,28 @@ public final class SharedMemoryReduce {
     /// - Parameters:
     ///   - count: floats in the buffer the buckets cut.
     ///   - buffer: nil to sum this rank's slot in place (`gradients`, zeroed), or a buffer of its own.
+    ///   - sharded: also hold the parameters and velocity that every rank shares (the sharded update).
     /// - Returns: why not, when the ranks cannot share memory.
-    static func make(comm: Communicator, count: Int, buckets: [Range<Int>], buffer: UnsafeMutablePointer<Float>? = nil) throws -> Result<SharedMemoryReduce, SharedSegment.Reason> {
+    static func make(comm: Communicator, count: Int, buckets: [Range<Int>], buffer: UnsafeMutablePointer<Float>? = nil, sharded: Bool = false) throws -> Result<SharedMemoryReduce, SharedSegment.Reason> {
         let slotFloats = (count + 15) / 16 * 16
         let flagBytes = comm.size * buckets.count * 3 * 64
-        switch try SharedSegment.make(comm: comm, bytes: flagBytes + comm.size * slotFloats * MemoryLayout<Float>.stride) {
+        let floats = (comm.size + (sharded ? 2 : 0)) * slotFloats
+        switch try SharedSegment.make(comm: comm, bytes: flagBytes + floats * MemoryLayout<Float>.stride) {
         case .failure(let reason): return .failure(reason)
         case .success(let segment):
-            return .success(SharedMemoryReduce(comm: comm, segment: segment, flagBytes: flagBytes, slotFloats: slotFloats, buffer: buffer, buckets: buckets))
+            return .success(SharedMemoryReduce(comm: comm, segment: segment, flagBytes: flagBytes, slotFloats: slotFloats, buffer: buffer, buckets: buckets, sharded: sharded))
         }
     }
 
-    private init(comm: Communicator, segment: SharedSegment, flagBytes: Int, slotFloats: Int, buffer: UnsafeMutablePointer<Float>?, buckets: [Range<Int>]) {
+    private init(comm: Communicator, segment: SharedSegment, flagBytes: Int, slotFloats: Int, buffer: UnsafeMutablePointer<Float>?, buckets: [Range<Int>], sharded: Bool) {
         rank = comm.rank
         ranks = comm.size
         self.segment = segment
         bucketCount = buckets.count
         flags = segment.base.bindMemory(to: UInt64.self, capacity: flagBytes / 8)
-        let slotBase = (segment.base + flagBytes).bindMemory(to: Float.self, capacity: ranks * slotFloats)
+        let slotBase = (segment.base + flagBytes).bindMemory(to: Float.self, capacity: (ranks + (sharded ? 2 : 0)) * slotFloats)
+        sharedParameters = sharded ? slotBase + ranks * slotFloats : nil
+        sharedVelocity = sharded ? slotBase + (ranks + 1) * slotFloats : nil
         slots = .allocate(capacity: ranks)
         for q in 0..<ranks { slots[q] = UnsafePointer(slotBase + q * slotFloats) }
         mySlot = slotBase + rank * slotFloats
@@ -297,14 +319,20 @@ public final class SharedMemoryReduce {
             if state[b] == 1 && everyRank(b, Self.ready, atLeast: sequence) {
                 allReleased[b] = Clock.now
                 let lo = c[rank], hi = c[rank + 1]
-                if hi > lo { tandem_sum_sources_f32(mySlot + lo, sources + b * ranks, ranks, hi - lo) }
+                if hi > lo {
+                    tandem_sum_sources_f32(mySlot + lo, sources + b * ranks, ranks, hi - lo)
+                    if let optimizer { optimizer.step(range: lo..<hi, parameters: sharedParameters!, gradients: mySlot, lr: learningRate) }
+                }
                 tandem_store_release_u64(flag(rank, b, Self.reduced), sequence)
                 state[b] = 2
             }
             if state[b] == 2 && everyRank(b, Self.reduced, atLeast: sequence) {
-                for q in 0..<ranks where !(inSlot && q == rank) {
-                    let lo = c[q], hi = c[q + 1]
-                    (gradients + lo).update(from: slots[q]! + lo, count: hi - lo)
+                // Sharded: every slice is updated in the shared parameters; no sum is needed here.
+                if optimizer == nil {
+                    for q in 0..<ranks where !(inSlot && q == rank) {
+                        let lo = c[q], hi = c[q + 1]
+                        (gradients + lo).update(from: slots[q]! + lo, count: hi - lo)
+                    }
                 }
                 tandem_store_release_u64(flag(rank, b, Self.gathered), sequence)
                 state[b] = 3

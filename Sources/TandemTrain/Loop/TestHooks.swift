@@ -11,6 +11,9 @@
 //                               each chunk, for the chunk's samples.
 //   TANDEM_TEST_LATE_RANK=r     parallel.dynamic: world rank r makes its first claim of every step only
 //                               once the other ranks have claimed every sample (so it computes none).
+//   TANDEM_TEST_POISON_RANK=r   world rank r scales its loss gradient by NaN at step
+//                               TANDEM_TEST_POISON_STEP (default 1): its gradients go NaN, its loss
+//                               stays finite (the NaN-gradient report on every rank).
 import Foundation
 
 struct TestHooks {
@@ -18,6 +21,7 @@ struct TestHooks {
     var divergeRank = -1, divergeStep = 1
     var slowRank = -1, slowMicrosPerSample = 50
     var lateRank = -1
+    var poisonRank = -1, poisonStep = 1
 
     init(environment: [String: String] = ProcessInfo.processInfo.environment) {
         func int(_ key: String) -> Int? { environment[key].flatMap { Int($0) } }
@@ -28,5 +32,7 @@ struct TestHooks {
         slowRank = int("TANDEM_TEST_SLOW_RANK") ?? -1
         slowMicrosPerSample = int("TANDEM_TEST_SLOW_US") ?? 50
         lateRank = int("TANDEM_TEST_LATE_RANK") ?? -1
+        poisonRank = int("TANDEM_TEST_POISON_RANK") ?? -1
+        poisonStep = int("TANDEM_TEST_POISON_STEP") ?? 1
     }
 }

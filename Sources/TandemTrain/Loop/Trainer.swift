@@ -21,6 +21,10 @@ public struct RunOptions: Sendable {
     public var bucketKB = 64
     /// How overlap's buckets travel: shared memory on one machine (auto) or MPI always.
     public var transport: GradientSync.Transport = .auto
+    /// Through shared memory: one copy of the parameters and velocity for the replicas on the
+    /// machine, each rank updating its slices as it sums them (`--update sharded`), or a copy per
+    /// rank, each updating all of it after the allreduce (`--update replicated`).
+    public var shardedUpdate = true
     /// Cores on this machine and the ranks sharing it (for threads: auto).
     public var cores = ProcessInfo.processInfo.activeProcessorCount
     public var ranksOnThisMachine = 1
@@ -154,18 +158,22 @@ public final class Trainer {
         chunksPerBatch = max(1, chunks)
         samplesTaken = .allocate(capacity: replicas)
         samplesTaken.initialize(repeating: 0, count: replicas)
-        stepStatistics = .allocate(capacity: 6 + replicas)
+        stepStatistics = .allocate(capacity: 6 + 2 * replicas)
         perSample = .allocate(capacity: replicas)
         perSample.initialize(repeating: 0, count: replicas)
         cuts = .allocate(capacity: replicas + 1)
         for r in 0...replicas { cuts[r] = config.batchSize * r / replicas }
         // The sync first: through shared memory the network's gradients live in this rank's slot.
-        sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport)
+        // With the sharded update also the parameters and the SGD velocity live in memory the
+        // replicas share.
+        sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport,
+                                sharded: options.shardedUpdate)
         let capacity = dynamic ? chunkBounds.max : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
-        net = Network(graph: graph, capacity: capacity,
-                      parts: threads, loss: config.loss, exchange: exchange, gradients: sync.gradients.baseAddress!, gradientsOwner: sync)
+        net = Network(graph: graph, capacity: capacity, parts: threads, loss: config.loss, exchange: exchange,
+                      gradients: sync.gradients.baseAddress!, parameters: sync.sharedParameters, gradientsOwner: sync)
         net.seed = config.seed
-        sgd = SGD(graph: graph, settings: config.sgd)
+        sgd = SGD(graph: graph, settings: config.sgd, velocity: sync.sharedVelocity)
+        if sync.sharedParameters != nil { sync.attach(optimizer: sgd) }
         if let note = sync.note, comm.rank == 0 { fputs("tandem: \(note)\n", stderr) }
         if balancing && !config.parallel.syncBN && hasBatchNorm && comm.rank == 0 && !options.quiet {
             fputs("tandem: parallel.balance with batch norm and without parallel.sync_bn: each replica normalises over a share whose size follows the ranks' timing, so runs differ from one another and from one process; set sync_bn: true for the same statistics as one process\n", stderr)
@@ -212,8 +220,18 @@ public final class Trainer {
             try parameters.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: $0.count, root: 0) }
             if !statistics.isEmpty { try statistics.withUnsafeMutableBytes { try comm.broadcast($0.baseAddress!, bytes: $0.count, root: 0) } }
         }
-        loadGlobal(parameters, into: net.parameters, tensors: \.parameters)
+        try loadShared {
+            loadGlobal(parameters, into: net.parameters, tensors: \.parameters)
+        }
         loadGlobal(statistics, into: net.statistics, tensors: \.statistics)
+    }
+
+    /// Runs `write`, which fills the parameters or the velocity: with the sharded update (one copy
+    /// that the replica group shares) on the group's rank 0 only, the others waiting until it is done.
+    func loadShared(_ write: () throws -> Void) throws {
+        guard sync.updatesParameters else { return try write() }
+        if replicaComm.rank == 0 { try write() }
+        try replicaComm.barrier()
     }
 
     /// The checks of a config against the dataset and the world size that need no collective,
@@ -412,6 +430,8 @@ public final class Trainer {
         let stepStart = t0
         trace?.step = step
         currentStep = step
+        // The sharded update applies it as the buckets are summed, during backward.
+        sync.learningRate = lr
         // This rank's summed loss and correct count, the samples it computed, and how many of
         // them the network's activations hold (for the NaN report).
         let r: (loss: Double, correct: Int)
@@ -437,7 +457,7 @@ public final class Trainer {
             if let trace { trace.record(trace.dataName, start: stepStart, end: Clock.now) }
             if let timing { let t = Clock.now; timing.data += t - t0; t0 = t }
             let computeStart = Clock.now
-            r = net.trainStep(count: mine.count, lossScale: 1 / Double(m), step: step)
+            r = net.trainStep(count: mine.count, lossScale: lossScale(globalCount: m, step: step), step: step)
             if comm.rank == hooks.slowRank { usleep(UInt32(hooks.slowMicrosPerSample * mine.count)) }
             computeSeconds = Clock.now - computeStart
             if let timing { let t = Clock.now; timing.compute += t - t0; t0 = t }
@@ -459,14 +479,26 @@ public final class Trainer {
         let stats = stepStatistics
         stats[0] = r.loss
         stats[1] = Double(r.correct)
+        // With the sharded update each rank holds the sums of its own slices only: a NaN or Inf in
+        // any rank's gradient shows in the sum of some slice, so each rank's first non-finite value
+        // in its buffer rides along (1 + its index, 0 if none) and every rank names the smallest.
+        let sharded = sync.updatesParameters
+        let badSlot = balancing || dynamic ? 6 + replicas : 6
+        var firstBad = -1
+        if sharded {
+            if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0 {
+                firstBad = net.gradients.firstIndex { !$0.isFinite } ?? -1
+            }
+        }
         if replicas > 1 {
             monitor.writeCheckSlots(stats + 2)
             // With balance, each replica's seconds per sample rides along (zero in the others' slots);
             // with dynamic shares, the samples each took.
-            let count = balancing || dynamic ? 6 + replicas : 6
-            if count > 6 { (stats + 6).update(repeating: 0, count: replicas) }
+            let count = badSlot + (sharded ? replicas : 0)
+            if count > 6 { (stats + 6).update(repeating: 0, count: count - 6) }
             if balancing && taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
             if dynamic { stats[6 + replica] = Double(taken) }
+            if sharded { stats[badSlot + replica] = Double(firstBad + 1) }
             try monitor.watch(.loss, step: step, count: count) { try replicaComm.allreduceSum(stats, count: count) }
             if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
             if dynamic && m == config.batchSize {
@@ -488,13 +520,21 @@ public final class Trainer {
         guard stats[0].isFinite else {
             throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf)\(firstNonFinite(count: resident).map { "; it first appeared in \($0)" } ?? ""); lower the learning rate, or run `trainer debug` for every layer's statistics")
         }
-        // Gradients are the same on every replica after the allreduce, so every rank stops together.
-        if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0, let i = net.gradients.firstIndex(where: { !$0.isFinite }) {
+        // Gradients are the same on every replica after the allreduce (sharded: every rank found the
+        // same smallest index), so every rank stops together.
+        var bad: Int?
+        if sharded {
+            for q in 0..<replicas where stats[badSlot + q] > 0 { bad = min(bad ?? Int.max, Int(stats[badSlot + q]) - 1) }
+        } else if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0 {
+            bad = net.gradients.firstIndex { !$0.isFinite }
+        }
+        if let i = bad {
             let tensor = graph.parameters.first { $0.offset <= i && i < $0.offset + $0.count }?.name ?? "?"
             throw TrainingError("step \(step): the gradient of '\(tensor)' holds NaN or Inf\(firstNonFinite(count: resident).map { "; the activations first went bad in \($0)" } ?? ""); lower the learning rate, or run `trainer debug`")
         }
         let optimizerStart = trace != nil ? Clock.now : 0
-        sgd.step(parameters: net.parameters, gradients: net.gradients, lr: lr)
+        // The sharded update was applied as the buckets were summed (inside backward and `finish`).
+        if !sharded { sgd.step(parameters: net.parameters, gradients: net.gradients, lr: lr) }
         if let timing { timing.optimizer += Clock.now - t0 }
         if let trace {
             let t = Clock.now
@@ -543,7 +583,7 @@ public final class Trainer {
             if let trace { trace.record(trace.dataName, start: t0, end: t1) }
             timing?.data += t1 - t0
             t0 = t1
-            let r = net.trainForward(count: n, lossScale: 1 / Double(m), step: step, accumulate: accumulate)
+            let r = net.trainForward(count: n, lossScale: lossScale(globalCount: m, step: step), step: step, accumulate: accumulate)
             accumulate = true
             size = claim()
             net.trainBackward(count: n, step: step, last: size == 0)
@@ -552,6 +592,13 @@ public final class Trainer {
             timing?.compute += t2 - t0
             took((r.loss, r.correct, n))
         }
+    }
+
+    /// The loss gradient's scale: 1 / the global batch (NaN on the test hook's poisoned rank and step,
+    /// which makes that rank's gradients NaN while its loss stays finite).
+    @inline(__always)
+    private func lossScale(globalCount m: Int, step: Int) -> Double {
+        comm.rank == hooks.poisonRank && step == hooks.poisonStep ? .nan : 1 / Double(m)
     }
 
     /// Every rank of `replicaComm` saw different fingerprints in the loss allreduce: gathers them
@@ -776,8 +823,10 @@ public final class Trainer {
             }
         }
         if counters[0] == 1 {
-            loadGlobal(whole[0], into: net.parameters, tensors: \.parameters)
-            loadGlobal(whole[1], into: sgd.velocity, tensors: \.parameters)
+            try loadShared {
+                loadGlobal(whole[0], into: net.parameters, tensors: \.parameters)
+                loadGlobal(whole[1], into: sgd.velocity, tensors: \.parameters)
+            }
             loadGlobal(whole[2], into: net.statistics, tensors: \.statistics)
         }
         guard counters[0] == 1 else {
