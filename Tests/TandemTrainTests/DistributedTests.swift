@@ -134,6 +134,38 @@ func relativeDifference(_ a: [Float], _ b: [Float]) -> Double {
         }
     }
 
+    // The per-step loss sum through shared memory: exact sums, the same bits on every rank (summed
+    // in rank order), call after call with its two buffers in turn, a slow rank now and then, and
+    // counts from 1 to the capacity.
+    @Test func sharedMemoryScalarSumsAreExactCallAfterCall() throws {
+        final class Box: @unchecked Sendable { var results: [[Double]] = [[], [], []] }
+        let box = Box()
+        try ThreadCommunicator.run(size: 3) { comm in
+            let own = UnsafeMutablePointer<Float>.allocate(capacity: 16)
+            defer { own.deallocate() }
+            guard case .success(let engine) = try SharedMemoryReduce.make(comm: comm, count: 16, buckets: [0..<16], buffer: own, scalars: 7) else {
+                Issue.record("no shared memory"); return
+            }
+            #expect(engine.scalarCapacity == 7)
+            var values = [Double](repeating: 0, count: 7)
+            var seen: [Double] = []
+            for call in 0..<200 {
+                let count = 1 + call % 7
+                for i in 0..<count { values[i] = Double(comm.rank + 1) * 0.1 + Double(call * 10 + i) }
+                if comm.rank == call % 3 && call % 5 == 0 { usleep(500) }
+                values.withUnsafeMutableBufferPointer { engine.sumScalars($0.baseAddress!, count: count) }
+                for i in 0..<count {
+                    // 0.1 + 0.2 + 0.3 in rank order, plus three times the call's part.
+                    let expected = ((0.1 + Double(call * 10 + i)) + (0.2 + Double(call * 10 + i))) + (0.30000000000000004 + Double(call * 10 + i))
+                    if values[i] != expected { Issue.record("call \(call), rank \(comm.rank), value \(i): \(values[i]) != \(expected)") }
+                }
+                seen += values[0..<count]
+            }
+            box.results[comm.rank] = seen
+        }
+        #expect(box.results[0] == box.results[1] && box.results[1] == box.results[2] && box.results[0].count > 0)
+    }
+
     @Test func ranksWithDifferentSyncOptionsAreRefused() throws {
         let c = try config(lenetYAML)
         #expect {

@@ -19,6 +19,8 @@
 //          the training loop the slot *is* the rank's gradient buffer (backward writes it), so
 //          posting a bucket copies nothing; `single` (bench-allreduce) copies a buffer of its own in.
 //   sharded update only: the parameters, then the SGD velocity (parameterCount floats each).
+//   scalars: per rank a flag line (the number of its last `sumScalars`) and two buffers of
+//            `scalarCapacity` doubles, used in turn (see `sumScalars`).
 // Each bucket is cut into one slice per rank. A step (number s, from 1):
 //   release(b): wait until every rank's gathered[b] >= s-1 (none still reads my slot from the last
 //               step); with a buffer of its own, copy b but my own slice into my slot (only the
@@ -206,6 +208,13 @@ public final class SharedMemoryReduce {
     let sharedVelocity: UnsafeMutablePointer<Float>?
     var optimizer: SGD<Float>?
     var learningRate = 0.0
+    /// `sumScalars`: the most doubles one call sums, per rank its flag and two buffers, and the
+    /// number of calls so far.
+    let scalarCapacity: Int
+    private let scalarFlags: UnsafeMutablePointer<UInt64>
+    private let scalarSlots: UnsafeMutablePointer<Double>
+    private let scalarStride: Int
+    private var scalarCalls: UInt64 = 0
 
     private static let ready = 0, reduced = 1, gathered = 2
 
@@ -215,18 +224,23 @@ public final class SharedMemoryReduce {
     ///   - buffer: nil to sum this rank's slot in place (`gradients`, zeroed), or a buffer of its own.
     ///   - sharded: also hold the parameters and velocity that every rank shares (the sharded update).
     /// - Returns: why not, when the ranks cannot share memory.
-    static func make(comm: Communicator, count: Int, buckets: [Range<Int>], buffer: UnsafeMutablePointer<Float>? = nil, sharded: Bool = false) throws -> Result<SharedMemoryReduce, SharedSegment.Reason> {
+    ///   - scalars: the most doubles one `sumScalars` call sums (0: none).
+    static func make(comm: Communicator, count: Int, buckets: [Range<Int>], buffer: UnsafeMutablePointer<Float>? = nil, sharded: Bool = false,
+                     scalars: Int = 0) throws -> Result<SharedMemoryReduce, SharedSegment.Reason> {
         let slotFloats = (count + 15) / 16 * 16
         let flagBytes = comm.size * buckets.count * 3 * 64
         let floats = (comm.size + (sharded ? 2 : 0)) * slotFloats
-        switch try SharedSegment.make(comm: comm, bytes: flagBytes + floats * MemoryLayout<Float>.stride) {
+        let scalarStride = (2 * max(1, scalars) + 7) / 8 * 8 + 8   // two buffers, then the flag line
+        switch try SharedSegment.make(comm: comm, bytes: flagBytes + floats * MemoryLayout<Float>.stride + comm.size * scalarStride * 8) {
         case .failure(let reason): return .failure(reason)
         case .success(let segment):
-            return .success(SharedMemoryReduce(comm: comm, segment: segment, flagBytes: flagBytes, slotFloats: slotFloats, buffer: buffer, buckets: buckets, sharded: sharded))
+            return .success(SharedMemoryReduce(comm: comm, segment: segment, flagBytes: flagBytes, slotFloats: slotFloats, buffer: buffer, buckets: buckets,
+                                               sharded: sharded, scalars: max(1, scalars), scalarStride: scalarStride))
         }
     }
 
-    private init(comm: Communicator, segment: SharedSegment, flagBytes: Int, slotFloats: Int, buffer: UnsafeMutablePointer<Float>?, buckets: [Range<Int>], sharded: Bool) {
+    private init(comm: Communicator, segment: SharedSegment, flagBytes: Int, slotFloats: Int, buffer: UnsafeMutablePointer<Float>?, buckets: [Range<Int>],
+                 sharded: Bool, scalars: Int, scalarStride: Int) {
         rank = comm.rank
         ranks = comm.size
         self.segment = segment
@@ -235,6 +249,12 @@ public final class SharedMemoryReduce {
         let slotBase = (segment.base + flagBytes).bindMemory(to: Float.self, capacity: (ranks + (sharded ? 2 : 0)) * slotFloats)
         sharedParameters = sharded ? slotBase + ranks * slotFloats : nil
         sharedVelocity = sharded ? slotBase + (ranks + 1) * slotFloats : nil
+        // Floats so far are a multiple of 16 per slot: the scalars start on a cache line.
+        let scalarBase = UnsafeMutableRawPointer(slotBase + (ranks + (sharded ? 2 : 0)) * slotFloats).bindMemory(to: Double.self, capacity: ranks * scalarStride)
+        scalarCapacity = scalars
+        self.scalarStride = scalarStride
+        scalarSlots = scalarBase
+        scalarFlags = UnsafeMutableRawPointer(scalarBase + scalarStride - 8).assumingMemoryBound(to: UInt64.self)
         slots = .allocate(capacity: ranks)
         for q in 0..<ranks { slots[q] = UnsafePointer(slotBase + q * slotFloats) }
         mySlot = slotBase + rank * slotFloats
@@ -339,6 +359,34 @@ public final class SharedMemoryReduce {
                 ended[b] = Clock.now
                 completed += 1
             }
+        }
+    }
+
+    /// Rank q's flag for `sumScalars`.
+    @inline(__always)
+    private func scalarFlag(_ q: Int) -> UnsafeMutablePointer<UInt64> {
+        UnsafeMutableRawPointer(scalarFlags).advanced(by: q * scalarStride * 8).assumingMemoryBound(to: UInt64.self)
+    }
+
+    /// The sum over the ranks of `count` doubles, in place, the same bits on every rank (summed in
+    /// rank order): the per-step loss allreduce without MPI. Every rank calls it in the same order.
+    /// Each call writes one of two buffers, in turn: a rank writes a buffer again only two calls
+    /// later, after every rank has posted the call in between, so after every rank has read it.
+    /// A rank that never comes leaves this waiting: the collective watchdog ends the job.
+    func sumScalars(_ values: UnsafeMutablePointer<Double>, count: Int) {
+        precondition(count <= scalarCapacity, "sumScalars of \(count) values, room for \(scalarCapacity)")
+        scalarCalls += 1
+        let buffer = Int(scalarCalls & 1) * scalarCapacity
+        (scalarSlots + rank * scalarStride + buffer).update(from: values, count: count)
+        tandem_store_release_u64(scalarFlag(rank), scalarCalls)
+        var spin = Backoff()
+        for q in 0..<ranks where q != rank {
+            while tandem_load_acquire_u64(scalarFlag(q)) < scalarCalls { spin.pause() }
+        }
+        for i in 0..<count {
+            var sum = scalarSlots[buffer + i]
+            for q in 1..<ranks { sum += scalarSlots[q * scalarStride + buffer + i] }
+            values[i] = sum
         }
     }
 

@@ -167,7 +167,7 @@ public final class Trainer {
         // With the sharded update also the parameters and the SGD velocity live in memory the
         // replicas share.
         sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport,
-                                sharded: options.shardedUpdate)
+                                sharded: options.shardedUpdate, scalars: 6 + 2 * replicas)
         let capacity = dynamic ? chunkBounds.max : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
         net = Network(graph: graph, capacity: capacity, parts: threads, loss: config.loss, exchange: exchange,
                       gradients: sync.gradients.baseAddress!, parameters: sync.sharedParameters, gradientsOwner: sync)
@@ -499,7 +499,7 @@ public final class Trainer {
             if balancing && taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
             if dynamic { stats[6 + replica] = Double(taken) }
             if sharded { stats[badSlot + replica] = Double(firstBad + 1) }
-            try monitor.watch(.loss, step: step, count: count) { try replicaComm.allreduceSum(stats, count: count) }
+            try monitor.watch(.loss, step: step, count: count) { try sync.sumScalars(stats, count: count) }
             if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
             if dynamic && m == config.batchSize {
                 for q in 0..<replicas { samplesTaken[q] += stats[6 + q] }
