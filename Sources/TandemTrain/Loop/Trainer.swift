@@ -87,9 +87,12 @@ public final class Trainer {
     /// Towers this run splits the model into (1 when it runs the whole model in one rank).
     public var towers: Int { towerComm?.size ?? 1 }
     public var tower: Int { towerComm?.rank ?? 0 }
+    /// The even share of the global batch (with balance or dynamic, `shares` says what each took).
     public var localBatch: Int { config.batchSize / replicas }
     /// The per-step loss, correct count and four divergence-check slots, reduced over the replicas;
-    /// with `parallel.balance`, then each replica's seconds per sample of this step.
+    /// with `parallel.balance`, then each replica's seconds per sample of this step (with
+    /// `parallel.dynamic` the samples it took); with the sharded update, then each replica's first
+    /// non-finite gradient (1 + its index, 0 if none).
     private let stepStatistics: UnsafeMutablePointer<Double>
     /// `parallel.balance`: each replica's seconds per sample (moving average), and the share cuts of a
     /// full global batch that follow from them: replica r takes [cuts[r], cuts[r + 1]).
