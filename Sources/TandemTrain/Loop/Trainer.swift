@@ -115,6 +115,8 @@ public final class Trainer {
     public let chunksPerBatch: Int
     private let samplesTaken: UnsafeMutablePointer<Double>
     private var dynamicSteps = 0
+    /// parallel.dynamic: where the first chunk of this step whose loss was not finite went bad.
+    private var nonFiniteChunk: String?
     var isRoot: Bool { comm.rank == 0 }
     /// The checkpoint `run()` resumed from (its path on rank 0, "" on other ranks) and its step.
     public private(set) var resumedFrom: (path: String, step: Int)?
@@ -433,6 +435,7 @@ public final class Trainer {
         let stepStart = t0
         trace?.step = step
         currentStep = step
+        nonFiniteChunk = nil
         // The sharded update applies it as the buckets are summed, during backward.
         sync.learningRate = lr
         // This rank's summed loss and correct count, the samples it computed, and how many of
@@ -521,7 +524,7 @@ public final class Trainer {
         }
         if let timing { let t = Clock.now; timing.allreduce += t - t0; t0 = t }
         guard stats[0].isFinite else {
-            throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf)\(firstNonFinite(count: resident).map { "; it first appeared in \($0)" } ?? ""); lower the learning rate, or run `trainer debug` for every layer's statistics")
+            throw TrainingError("step \(step): the loss is \(stats[0]) (NaN or Inf)\((nonFiniteChunk ?? firstNonFinite(count: resident)).map { "; it first appeared in \($0)" } ?? ""); lower the learning rate, or run `trainer debug` for every layer's statistics")
         }
         // Gradients are the same on every replica after the allreduce (sharded: every rank found the
         // same smallest index), so every rank stops together.
@@ -587,6 +590,11 @@ public final class Trainer {
             timing?.data += t1 - t0
             t0 = t1
             let r = net.trainForward(count: n, lossScale: lossScale(globalCount: m, step: step), step: step, accumulate: accumulate)
+            // The first chunk whose loss went bad: where, while its activations are still there (the
+            // NaN report names it; the network holds only the last chunk's by the end of the step).
+            if !r.loss.isFinite && nonFiniteChunk == nil {
+                nonFiniteChunk = firstNonFinite(count: n, backward: false) ?? "the loss of samples \(lo)..<\(lo + n) of the batch"
+            }
             accumulate = true
             size = claim()
             net.trainBackward(count: n, step: step, last: size == 0)
@@ -616,14 +624,16 @@ public final class Trainer {
         throw TrainingError("step \(step): ranks diverged: the collectives of \(differ.joined(separator: ", ")) differ from rank \(all[1])'s (fingerprint \(String(all[2 * (differ.isEmpty ? 0 : (0..<replicas).first { all[2 * $0] != all[0] }!)], radix: 16)) vs \(String(all[0], radix: 16))); every rank must run the same collectives with the same sizes")
     }
 
-    /// The first layer (in forward order) whose output, or (in backward order) whose output gradient,
-    /// holds NaN or Inf for this rank's last `count` samples, described for an error message.
-    func firstNonFinite(count: Int) -> String? {
+    /// The first layer (in forward order) whose output, or (in backward order, unless `backward` is
+    /// false) whose output gradient, holds NaN or Inf for this rank's last `count` samples, described
+    /// for an error message.
+    func firstNonFinite(count: Int, backward: Bool = true) -> String? {
         for node in graph.nodes.dropFirst() {
             let n = count * node.outputShape.count
             let p = net.activations[node.index]
             if (0..<n).contains(where: { !p[$0].isFinite }) { return "the output of layer '\(node.name)' (forward)" }
         }
+        guard backward else { return nil }
         for node in graph.nodes.reversed() {
             guard let g = net.activationGradients[node.index] else { continue }
             let n = count * node.outputShape.count
