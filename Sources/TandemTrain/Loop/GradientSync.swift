@@ -106,7 +106,7 @@ public final class GradientSync: GradientObserver {
             switch try SharedMemoryReduce.make(comm: comm, count: graph.parameterCount, buckets: cuts, sharded: sharded, scalars: scalars) {
             case .success(let engine): shared = engine
             case .failure(.otherMachines): break
-            case .failure(let reason): note = "gradient sync: \(reason), so buckets go through MPI"
+            case .failure(let reason): note = "gradient sync: \(reason), so buckets go through MPI" + (sharded ? " and every rank updates its own copy of the parameters" : "")
             }
         }
         self.shared = shared
@@ -158,7 +158,7 @@ public final class GradientSync: GradientObserver {
     public var sharedVelocity: UnsafeMutablePointer<Float>? { shared?.sharedVelocity }
     /// Whether `finish` leaves the parameters updated (sharded update): the caller runs no
     /// optimiser step, and only this rank's slices of `gradients` hold the summed gradient.
-    public var updatesParameters: Bool { shared?.optimizer != nil }
+    public private(set) var updatesParameters = false
 
     /// The sum over the ranks of `count` doubles in place (the per-step loss and statistics): through
     /// the shared segment when the buckets use it (a store and a few loads where MPI took 30-60 us of
@@ -172,6 +172,7 @@ public final class GradientSync: GradientObserver {
     public func attach(optimizer: SGD<Float>) {
         precondition(shared?.sharedParameters != nil && optimizer.velocity.baseAddress == shared?.sharedVelocity, "a sharded update needs the shared velocity")
         shared!.optimizer = optimizer
+        updatesParameters = true
     }
 
     /// This step's learning rate for the sharded update; set before backward.

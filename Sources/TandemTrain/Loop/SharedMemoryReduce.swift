@@ -206,7 +206,11 @@ public final class SharedMemoryReduce {
     /// optimiser that updates this rank's slices as they are summed, and this step's learning rate.
     let sharedParameters: UnsafeMutablePointer<Float>?
     let sharedVelocity: UnsafeMutablePointer<Float>?
-    var optimizer: SGD<Float>?
+    var optimizer: SGD<Float>? {
+        didSet { shardedOptimizer = optimizer }
+    }
+    /// `optimizer`, read in the hot path without retaining it (`optimizer` keeps it alive).
+    private unowned(unsafe) var shardedOptimizer: SGD<Float>?
     var learningRate = 0.0
     /// `sumScalars`: the most doubles one call sums, per rank its flag and two buffers, and the
     /// number of calls so far.
@@ -341,14 +345,14 @@ public final class SharedMemoryReduce {
                 let lo = c[rank], hi = c[rank + 1]
                 if hi > lo {
                     tandem_sum_sources_f32(mySlot + lo, sources + b * ranks, ranks, hi - lo)
-                    if let optimizer { optimizer.step(range: lo..<hi, parameters: sharedParameters!, gradients: mySlot, lr: learningRate) }
+                    if let optimizer = shardedOptimizer { optimizer.step(range: lo..<hi, parameters: sharedParameters!, gradients: mySlot, lr: learningRate) }
                 }
                 tandem_store_release_u64(flag(rank, b, Self.reduced), sequence)
                 state[b] = 2
             }
             if state[b] == 2 && everyRank(b, Self.reduced, atLeast: sequence) {
                 // Sharded: every slice is updated in the shared parameters; no sum is needed here.
-                if optimizer == nil {
+                if shardedOptimizer == nil {
                     for q in 0..<ranks where !(inSlot && q == rank) {
                         let lo = c[q], hi = c[q + 1]
                         (gradients + lo).update(from: slots[q]! + lo, count: hi - lo)

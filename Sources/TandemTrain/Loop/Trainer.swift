@@ -7,6 +7,7 @@
 // Gradients are averaged through `GradientSync`; only rank 0 prints and writes.
 import CKernels
 import Foundation
+import Synchronization
 import TandemComm
 import TandemCore
 
@@ -236,7 +237,11 @@ public final class Trainer {
     func loadShared(_ write: () throws -> Void) throws {
         guard sync.updatesParameters else { return try write() }
         if replicaComm.rank == 0 { try write() }
+        // The fences order rank 0's stores before the barrier and the others' loads after it, whatever
+        // the barrier's own implementation promises about memory.
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
         try replicaComm.barrier()
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
     }
 
     /// The checks of a config against the dataset and the world size that need no collective,
