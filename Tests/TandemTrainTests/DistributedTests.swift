@@ -111,27 +111,39 @@ func relativeDifference(_ a: [Float], _ b: [Float]) -> Double {
     // loss allreduce; both stop naming fc2.bias.
     @Test(arguments: [true, false])
     func aNaNInOneRanksOwnSliceStopsEveryRank(sharded: Bool) throws {
-        final class Poison: GradientObserver {
-            let inner: GradientObserver, gradients: UnsafeMutableBufferPointer<Float>, step: () -> Int
-            init(inner: GradientObserver, gradients: UnsafeMutableBufferPointer<Float>, step: @escaping () -> Int) {
-                self.inner = inner; self.gradients = gradients; self.step = step
-            }
-            func gradientsReady(from offset: Int) {
-                if step() == 2 { gradients[gradients.count - 1] = .nan }   // before the bucket is posted
-                inner.gradientsReady(from: offset)
-            }
-            func layerBackwardDone() { inner.layerBackwardDone() }
-            func willWriteGradients() { inner.willWriteGradients() }
-        }
-        final class Keep: @unchecked Sendable { var poison: Poison? }
+        final class Keep: @unchecked Sendable { var poison: PoisonLastGradient? }
         let keep = Keep()
         let errors = try poisonedRun(sharded: sharded) { t in
             guard t.comm.rank == 1 else { return }
-            let p = Poison(inner: t.sync, gradients: t.net.gradients, step: { [unowned t] in t.currentStep })
+            let p = PoisonLastGradient(t, step: 2)
             keep.poison = p
             t.net.observer = p
         }
         for e in errors { #expect(e.hasPrefix("step 2: the gradient of 'fc2.bias' holds NaN or Inf"), "\(errors)") }
+    }
+
+    // Two towers (one replica): a NaN in the last gradient of tower 1 only, which tower 0 never sees
+    // (towers hold different slices of the model): both stop at that step naming tower 1's tensor.
+    @Test func aNaNInOneTowersGradientStopsEveryTower() throws {
+        var base = try config(smallAlexYAML)
+        base.parallel.threads = 1
+        let c = base
+        final class Box: @unchecked Sendable { var errors = ["", ""]; var name = ""; var poison: PoisonLastGradient? }
+        let box = Box()
+        try ThreadCommunicator.run(size: 2) { comm in
+            let t = try Trainer(config: c, comm: comm, data: try syntheticData(), options: RunOptions())
+            if comm.rank == 1 {
+                box.name = t.graph.parameters.max { $0.offset < $1.offset }!.name
+                let p = PoisonLastGradient(t, step: 2)
+                box.poison = p
+                t.net.observer = p
+            }
+            t.data.shuffle(epoch: 0, seed: c.seed)
+            do {
+                for s in 0..<4 { _ = try t.step(epoch: 0, start: s * c.batchSize, globalCount: c.batchSize, step: s, lr: c.lr) }
+            } catch { box.errors[comm.rank] = "\(error)" }
+        }
+        for e in box.errors { #expect(e.hasPrefix("step 2: the gradient of '\(box.name)' (tower 1) holds NaN or Inf"), "\(box.errors)") }
     }
 
     /// Four steps of the LeNet on 2 in-process ranks, `prepare` setting each rank up; each rank's
@@ -339,4 +351,22 @@ enum ImageSetFixture {
     static func gradient() -> ImageSet {
         ImageSet(count: 1, channels: 1, height: 4, width: 4, classes: 10, pixels: (0..<16).map { UInt8($0 * 17) }, labels: [3])
     }
+}
+
+/// Stands between a trainer's network and its gradient sync: at step `step` it makes the last value
+/// of the rank's gradient buffer NaN just before backward posts it.
+final class PoisonLastGradient: GradientObserver {
+    let inner: GradientObserver
+    let gradients: UnsafeMutableBufferPointer<Float>
+    unowned let trainer: Trainer
+    let step: Int
+    init(_ trainer: Trainer, step: Int) {
+        inner = trainer.sync; gradients = trainer.net.gradients; self.trainer = trainer; self.step = step
+    }
+    func gradientsReady(from offset: Int) {
+        if trainer.currentStep == step { gradients[gradients.count - 1] = .nan }
+        inner.gradientsReady(from: offset)
+    }
+    func layerBackwardDone() { inner.layerBackwardDone() }
+    func willWriteGradients() { inner.willWriteGradients() }
 }

@@ -19,7 +19,7 @@ import TandemComm
 public final class CollectiveMonitor: @unchecked Sendable {
     /// The blocking collectives of the training loop; the raw value enters the fingerprint.
     public enum Operation: UInt64, Sendable {
-        case gradients = 1, loss, syncBN, testMetrics, checkpoint, towerExchange, phantom
+        case gradients = 1, loss, syncBN, testMetrics, checkpoint, towerExchange, phantom, towerGradientCheck
 
         var label: String {
             switch self {
@@ -30,6 +30,7 @@ public final class CollectiveMonitor: @unchecked Sendable {
             case .checkpoint: "gather of the model for a checkpoint"
             case .towerExchange: "tower exchange"
             case .phantom: "phantom collective (TANDEM_TEST_DIVERGE_RANK)"
+            case .towerGradientCheck: "allreduce of the towers' gradient checks"
             }
         }
     }

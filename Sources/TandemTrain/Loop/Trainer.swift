@@ -116,6 +116,8 @@ public final class Trainer {
     public let chunksPerBatch: Int
     private let samplesTaken: UnsafeMutablePointer<Double>
     private var dynamicSteps = 0
+    /// Towers: per tower, 1 + the index of its first non-finite gradient (0 if none), summed over the tower group.
+    private let towerBad: UnsafeMutablePointer<Double>
     /// parallel.dynamic: where the first chunk of this step whose loss was not finite went bad.
     private var nonFiniteChunk: String?
     var isRoot: Bool { comm.rank == 0 }
@@ -165,6 +167,7 @@ public final class Trainer {
         samplesTaken = .allocate(capacity: replicas)
         samplesTaken.initialize(repeating: 0, count: replicas)
         stepStatistics = .allocate(capacity: 6 + 2 * replicas)
+        towerBad = .allocate(capacity: max(1, towerComm?.size ?? 1))
         perSample = .allocate(capacity: replicas)
         perSample.initialize(repeating: 0, count: replicas)
         cuts = .allocate(capacity: replicas + 1)
@@ -309,7 +312,7 @@ public final class Trainer {
         return whole
     }
 
-    deinit { stepStatistics.deallocate(); perSample.deallocate(); cuts.deallocate(); samplesTaken.deallocate() }
+    deinit { stepStatistics.deallocate(); perSample.deallocate(); cuts.deallocate(); samplesTaken.deallocate(); towerBad.deallocate() }
 
     /// Every rank must run the same experiment: compare the config hashes and the world layout.
     func checkSameConfig() throws {
@@ -539,9 +542,24 @@ public final class Trainer {
         } else if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0 {
             bad = net.gradients.firstIndex { !$0.isFinite }
         }
+        // Each tower holds only its slices of the model: the towers agree on the first tower with a
+        // bad gradient (and its index), so that every rank of the tower group stops too.
+        var badTower = tower
+        if let towerComm {
+            let slots = towerBad
+            slots.update(repeating: 0, count: towers)
+            slots[tower] = Double((bad ?? -1) + 1)
+            try monitor.watch(.towerGradientCheck, step: step, count: towers) { try towerComm.allreduceSum(slots, count: towers) }
+            bad = nil
+            if let t = (0..<towers).first(where: { slots[$0] > 0 }) {
+                bad = Int(slots[t]) - 1
+                badTower = t
+            }
+        }
         if let i = bad {
-            let tensor = graph.parameters.first { $0.offset <= i && i < $0.offset + $0.count }?.name ?? "?"
-            throw TrainingError("step \(step): the gradient of '\(tensor)' holds NaN or Inf\(firstNonFinite(count: resident).map { "; the activations first went bad in \($0)" } ?? ""); lower the learning rate, or run `trainer debug`")
+            let tensors = towerComm == nil ? graph.parameters : plan.local[badTower].parameters
+            let tensor = tensors.first { $0.offset <= i && i < $0.offset + $0.count }?.name ?? "?"
+            throw TrainingError("step \(step): the gradient of '\(tensor)'\(towerComm == nil ? "" : " (tower \(badTower))") holds NaN or Inf\(firstNonFinite(count: resident).map { "; the activations first went bad in \($0)" } ?? ""); lower the learning rate, or run `trainer debug`")
         }
         let optimizerStart = trace != nil ? Clock.now : 0
         // The sharded update was applied as the buckets were summed (inside backward and `finish`).
