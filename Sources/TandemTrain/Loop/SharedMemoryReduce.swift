@@ -227,8 +227,8 @@ public final class SharedMemoryReduce {
     ///   - count: floats in the buffer the buckets cut.
     ///   - buffer: nil to sum this rank's slot in place (`gradients`, zeroed), or a buffer of its own.
     ///   - sharded: also hold the parameters and velocity that every rank shares (the sharded update).
-    /// - Returns: why not, when the ranks cannot share memory.
     ///   - scalars: the most doubles one `sumScalars` call sums (0: none).
+    /// - Returns: why not, when the ranks cannot share memory.
     static func make(comm: Communicator, count: Int, buckets: [Range<Int>], buffer: UnsafeMutablePointer<Float>? = nil, sharded: Bool = false,
                      scalars: Int = 0) throws -> Result<SharedMemoryReduce, SharedSegment.Reason> {
         let slotFloats = (count + 15) / 16 * 16
