@@ -181,3 +181,47 @@ func floatSGDMatchesTheGenericPath(nesterov: Bool, l2: Double, l1: Double) {
         }
     }
 }
+
+// The fully connected layer's small-batch kernels (at most `smallLinearBatch` samples, one pass over
+// the weights per 8 samples) against the Double GEMM path: every count up to and past the limit,
+// feature counts with and without a vector tail, with and without a bias and an input gradient,
+// adding into weight gradients that already hold values.
+@Test(arguments: [(400, 120), (84, 10), (13, 5), (8, 3)])
+func floatSmallLinearMatchesTheGenericPath(inFeatures: Int, outFeatures: Int) {
+    for n in [1, 2, 3, 7, 8, 9, 15, 16, 17] {
+        for withBias in [true, false] {
+            let wd = values(outFeatures * inFeatures + outFeatures, seed: 31, zeros: false), xd = values(n * inFeatures, seed: 32, zeros: true)
+            let dyd = values(n * outFeatures, seed: 33, zeros: false), startd = values(wd.count, seed: 34, zeros: false)
+            let wf = wd.map { Float($0) }, xf = xd.map { Float($0) }, dyf = dyd.map { Float($0) }
+            var yf = [Float](repeating: .nan, count: n * outFeatures), yd = [Double](repeating: .nan, count: n * outFeatures)
+            wf.withUnsafeBufferPointer { w in
+                linearForward(&yf, xf, weight: w.baseAddress!, bias: withBias ? w.baseAddress! + outFeatures * inFeatures : nil, n: n, inFeatures: inFeatures, outFeatures: outFeatures)
+            }
+            wd.withUnsafeBufferPointer { w in
+                linearForward(&yd, xd, weight: w.baseAddress!, bias: withBias ? w.baseAddress! + outFeatures * inFeatures : nil, n: n, inFeatures: inFeatures, outFeatures: outFeatures)
+            }
+            #expect(zip(yf, yd).allSatisfy { abs(Double($0) - $1) <= 1e-5 * (1 + abs($1)) * Double(inFeatures).squareRoot() }, "forward n \(n), \(inFeatures)x\(outFeatures)")
+            for withDx in [true, false] {
+                var gf = startd.map { Float($0) }, gd = startd
+                var dxf = [Float](repeating: .nan, count: n * inFeatures), dxd = [Double](repeating: .nan, count: n * inFeatures)
+                gf.withUnsafeMutableBufferPointer { g in
+                    dxf.withUnsafeMutableBufferPointer { dx in
+                        linearBackward(withDx ? dx.baseAddress! : nil, dWeight: g.baseAddress!, dBias: withBias ? g.baseAddress! + outFeatures * inFeatures : nil, dyf,
+                                       x: xf, weight: wf, n: n, inFeatures: inFeatures, outFeatures: outFeatures)
+                    }
+                }
+                gd.withUnsafeMutableBufferPointer { g in
+                    dxd.withUnsafeMutableBufferPointer { dx in
+                        linearBackward(withDx ? dx.baseAddress! : nil, dWeight: g.baseAddress!, dBias: withBias ? g.baseAddress! + outFeatures * inFeatures : nil, dyd,
+                                       x: xd, weight: wd, n: n, inFeatures: inFeatures, outFeatures: outFeatures)
+                    }
+                }
+                let close = { (a: Float, b: Double, k: Int) in abs(Double(a) - b) <= 1e-5 * (1 + abs(b)) * Double(k).squareRoot() }
+                #expect(zip(gf, gd).allSatisfy { close($0, $1, n) }, "weight gradient n \(n), \(inFeatures)x\(outFeatures), bias \(withBias)")
+                if !withBias { #expect(Array(gf[(outFeatures * inFeatures)...]) == startd[(outFeatures * inFeatures)...].map { Float($0) }, "no bias gradient written") }
+                if withDx { #expect(zip(dxf, dxd).allSatisfy { close($0, $1, outFeatures) }, "input gradient n \(n), \(inFeatures)x\(outFeatures)") }
+                else { #expect(dxf.allSatisfy { $0.isNaN }, "no input gradient written") }
+            }
+        }
+    }
+}
