@@ -89,12 +89,6 @@ void tandem_bn_input_gradient_f32(float *dx, const float *dy, const float *xhat,
 /// One SGD step on count parameters (PyTorch's formulation): g = grad + l2 * w + l1 * sign(w),
 /// v = momentum * v + g, w -= lr * (nesterov ? g + momentum * v : v).
 void tandem_sgd_f32(float *w, const float *g, float *v, long count, float lr, float momentum, int nesterov, float l2, float l1);
-// A fully connected layer on a few samples, one pass over the weights per group of 8 (no packing):
-// y[s][o] = W[o] . x[s] + bias[o] (bias may be NULL); backward adds into dw and db (NULL: none) and
-// writes dx (NULL: none).
-void tandem_linear_forward_small_f32(float *y, const float *x, const float *w, const float *bias, long n, long in, long out);
-void tandem_linear_backward_small_f32(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
-                                      long n, long in, long out);
 
 /// Max pooling backward: dx (planes x inPlane) zeroed, then each output gradient added at its argmax.
 void tandem_maxpool_backward_f32(float *dx, const float *dy, const int32_t *argmax, long planes, long inPlane, long outPlane);

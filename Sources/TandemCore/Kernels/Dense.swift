@@ -1,21 +1,10 @@
 // Fully connected layers, dropout, losses and the shape plumbing (concat, add), NCHW.
-import CKernels
-
-/// Batches of at most this many samples (parallel.dynamic's chunks) skip OpenBLAS in the fully
-/// connected layers: its SGEMM packs the whole weight matrix on every call, which at 2-16 samples
-/// costs more than the product (LeNet-5 `-np 2 --dynamic`: fc1-fc3 0.34 ms of a 5.7 ms step more than
-/// with whole shares).
-public let smallLinearBatch = 16
 
 /// Fully connected forward: y[n, out] = x[n, in] * W[out, in]^T + b.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func linearForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, _ x: UnsafePointer<T>, weight: UnsafePointer<T>, bias: UnsafePointer<T>?,
                                      n: Int, inFeatures: Int, outFeatures: Int) {
-    if T.self == Float.self && n <= smallLinearBatch {
-        tandem_linear_forward_small_f32(floats(y), floats(x), floats(weight), bias.map { floats($0) }, n, inFeatures, outFeatures)
-        return
-    }
     T.gemm(transA: false, transB: true, m: n, n: outFeatures, k: inFeatures,
            alpha: 1, a: x, lda: inFeatures, b: weight, ldb: inFeatures, beta: 0, c: y, ldc: outFeatures)
     if let bias {
@@ -32,11 +21,6 @@ public func linearForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, _ x: UnsafePo
 public func linearBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>?, dWeight: UnsafeMutablePointer<T>, dBias: UnsafeMutablePointer<T>?,
                                       _ dy: UnsafePointer<T>, x: UnsafePointer<T>, weight: UnsafePointer<T>,
                                       n: Int, inFeatures: Int, outFeatures: Int) {
-    if T.self == Float.self && n <= smallLinearBatch {
-        tandem_linear_backward_small_f32(dx.map { floats($0) }, floats(dWeight), dBias.map { floats($0) }, floats(dy), floats(x), floats(weight),
-                                         n, inFeatures, outFeatures)
-        return
-    }
     T.gemm(transA: true, transB: false, m: outFeatures, n: inFeatures, k: n,
            alpha: 1, a: dy, lda: outFeatures, b: x, ldb: inFeatures, beta: 1, c: dWeight, ldc: inFeatures)
     if let dBias {
