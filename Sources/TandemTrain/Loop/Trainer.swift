@@ -493,17 +493,14 @@ public final class Trainer {
         let stats = stepStatistics
         stats[0] = r.loss
         stats[1] = Double(r.correct)
-        // With the sharded update each rank holds the sums of its own slices only: a NaN or Inf in
-        // any rank's gradient shows in the sum of some slice, so each rank's first non-finite value
-        // in its buffer rides along (1 + its index, 0 if none) and every rank names the smallest.
+        // The first NaN or Inf in this rank's gradients. With the sharded update each rank holds the
+        // sums of its own slices only: a NaN or Inf in any rank's gradient shows in the sum of some
+        // slice, so each rank's first one rides along (1 + its index, 0 if none) and every rank names
+        // the smallest.
         let sharded = sync.updatesParameters
         let badSlot = balancing || dynamic ? 6 + replicas : 6
-        var firstBad = -1
-        if sharded {
-            if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0 {
-                firstBad = net.gradients.firstIndex { !$0.isFinite } ?? -1
-            }
-        }
+        var bad: Int?
+        if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0 { bad = net.gradients.firstIndex { !$0.isFinite } }
         if replicas > 1 {
             monitor.writeCheckSlots(stats + 2)
             // With balance, each replica's seconds per sample rides along (zero in the others' slots);
@@ -512,7 +509,7 @@ public final class Trainer {
             if count > 6 { (stats + 6).update(repeating: 0, count: count - 6) }
             if balancing && taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
             if dynamic { stats[6 + replica] = Double(taken) }
-            if sharded { stats[badSlot + replica] = Double(firstBad + 1) }
+            if sharded { stats[badSlot + replica] = Double((bad ?? -1) + 1) }
             try monitor.watch(.loss, step: step, count: count) { try sync.sumScalars(stats, count: count) }
             if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
             if dynamic && m == config.batchSize {
@@ -536,11 +533,9 @@ public final class Trainer {
         }
         // Gradients are the same on every replica after the allreduce (sharded: every rank found the
         // same smallest index), so every rank stops together.
-        var bad: Int?
         if sharded {
+            bad = nil
             for q in 0..<replicas where stats[badSlot + q] > 0 { bad = min(bad ?? Int.max, Int(stats[badSlot + q]) - 1) }
-        } else if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0 {
-            bad = net.gradients.firstIndex { !$0.isFinite }
         }
         // Each tower holds only its slices of the model: the towers agree on the first tower with a
         // bad gradient (and its index), so that every rank of the tower group stops too.
