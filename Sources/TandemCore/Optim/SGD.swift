@@ -22,11 +22,9 @@ public final class SGD<T: Scalar> {
     /// Momentum buffer, one value per parameter (part of the optimiser state in checkpoints).
     public let velocity: UnsafeMutableBufferPointer<T>
     private let ownsVelocity: Bool
-    /// Ranges of the flat buffer that are regularised (conv and linear weights).
-    let regularised: [Range<Int>]
-    let unregularised: [Range<Int>]
-    /// Every parameter tensor in buffer order: its start, end and whether it is regularised
-    /// (`step(range:)` walks them without allocating).
+    /// Every parameter tensor in buffer order: its start, end and whether it is regularised (conv and
+    /// linear weights are; biases and batch norm's scale and shift are not). The steps walk them
+    /// without allocating.
     private let tensorCount: Int
     private let tensorStarts: UnsafeMutablePointer<Int>
     private let tensorEnds: UnsafeMutablePointer<Int>
@@ -38,8 +36,6 @@ public final class SGD<T: Scalar> {
         self.settings = settings
         velocity = UnsafeMutableBufferPointer(start: external ?? allocateZeroed(T.self, count: graph.parameterCount), count: graph.parameterCount)
         ownsVelocity = external == nil
-        regularised = graph.parameters.filter { $0.role == .weight }.map { $0.offset..<($0.offset + $0.count) }
-        unregularised = graph.parameters.filter { $0.role != .weight }.map { $0.offset..<($0.offset + $0.count) }
         let tensors = graph.parameters.sorted { $0.offset < $1.offset }
         tensorCount = tensors.count
         tensorStarts = .allocate(capacity: max(1, tensors.count))
@@ -57,7 +53,8 @@ public final class SGD<T: Scalar> {
     }
 
     /// The update of the parameters in `range` only (a rank's slice of a bucket, with the update
-    /// sharded over the replicas): each value gets exactly what `step` gives it.
+    /// sharded over the replicas; the whole buffer for `step`): each value's update depends on that
+    /// value alone, so slices cut anywhere give the bits one whole step gives.
     public func step(range: Range<Int>, parameters: UnsafeMutablePointer<T>, gradients: UnsafePointer<T>, lr: Double) {
         let v = velocity.baseAddress!
         let l2 = T(settings.weightDecay), l1 = T(settings.l1), momentum = T(settings.momentum)
@@ -72,15 +69,7 @@ public final class SGD<T: Scalar> {
 
     /// One update of `parameters` from `gradients` with learning rate `lr`.
     public func step(parameters: UnsafeMutableBufferPointer<T>, gradients: UnsafeMutableBufferPointer<T>, lr: Double) {
-        let w = parameters.baseAddress!, g = gradients.baseAddress!, v = velocity.baseAddress!
-        for r in regularised { update(w, g, v, r, lr: T(lr), l2: T(settings.weightDecay), l1: T(settings.l1)) }
-        for r in unregularised { update(w, g, v, r, lr: T(lr), l2: 0, l1: 0) }
-    }
-
-    @inline(__always)
-    private func update(_ w: UnsafeMutablePointer<T>, _ g: UnsafeMutablePointer<T>, _ v: UnsafeMutablePointer<T>, _ r: Range<Int>, lr: T, l2: T, l1: T) {
-        sgdUpdate(w + r.lowerBound, g + r.lowerBound, v + r.lowerBound, count: r.count, lr: lr,
-                  momentum: T(settings.momentum), nesterov: settings.nesterov, l2: l2, l1: l1)
+        step(range: 0..<velocity.count, parameters: parameters.baseAddress!, gradients: UnsafePointer(gradients.baseAddress!), lr: lr)
     }
 }
 
