@@ -1,12 +1,23 @@
 // See include/CKernels.h. Plain loops written for clang's vectoriser; no errno-setting libm calls in
 // them (__builtin_elementwise_sqrt is the bare square root instruction).
 #include "CKernels.h"
+#include <stdlib.h>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__clang__)
 #define TANDEM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define TANDEM_CLONES
 #endif
+
+int tandem_cpu_has_avx512(void) {
+#if defined(__x86_64__) && (defined(__clang__) || defined(__GNUC__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
 
 static inline long lmax(long a, long b) { return a > b ? a : b; }
 static inline long lmin(long a, long b) { return a < b ? a : b; }
@@ -429,6 +440,18 @@ void tandem_cv_weights_f32(float *restrict wt, const float *restrict w, long out
             for (long oc = 0; oc < OCp; oc++) wt[(g * K + k) * OCp + oc] = oc < outGroup ? w[(g * outGroup + oc) * K + k] : 0;
 }
 
+void tandem_cv_transposed_weights_f32(float *restrict wt, const float *restrict w, long outC, TandemConvShape s) {
+    const long G = cv_groups(s), outGroup = outC / G, KK = s.kH * s.kW, Kt = outGroup * KK, OCp = tandem_cv_channels(s.inGroup);
+    for (long g = 0; g < G; g++)
+        for (long oc = 0; oc < outGroup; oc++)
+            for (long ki = 0; ki < s.kH; ki++)
+                for (long kj = 0; kj < s.kW; kj++) {
+                    float *dst = wt + (g * Kt + (oc * s.kH + ki) * s.kW + kj) * OCp;
+                    const float *src = w + (g * outGroup + oc) * s.inGroup * KK + (s.kH - 1 - ki) * s.kW + (s.kW - 1 - kj);
+                    for (long c = 0; c < OCp; c++) dst[c] = c < s.inGroup ? src[c * KK] : 0;
+                }
+}
+
 // off[k]: tap k = (c, ki, kj) of a group in its padded input, zero from K to round12(K); pos[p]: the window corner of
 // output position p = (oh, ow), then the last one repeated 12 times (tiles past the end read it).
 static void cv_tables(int32_t *off, int32_t *pos, TandemConvShape s) {
@@ -473,6 +496,82 @@ static inline __attribute__((always_inline)) void cv_forward_##V##_##NP(float *y
 CV_FORWARD_TILE(2, 6)
 CV_FORWARD_TILE(1, 7)
 
+// The same tiles 16 channels wide, for AVX-512 (32 registers): each output lane sums the same
+// products in the same order as the 8-wide tiles, so both give the same bits.
+#if defined(__x86_64__) && defined(__clang__)
+#define TANDEM_WIDE 1
+#define TANDEM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+typedef float f16 __attribute__((ext_vector_type(16)));
+#define load_f16(p) ({ f16 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
+#define CV_FORWARD_WIDE_TILE(V, NP) \
+static inline __attribute__((always_inline)) TANDEM_AVX512 void cv_forward_wide_##V##_##NP(float *y, const float *xb, const float *wt, \
+                                         const float *bias, const int32_t *off, const int32_t *pos, long p0, long count, long K, long OCp, \
+                                         long cb, long outC, long plane, int relu) { \
+    f16 acc[NP][V]; \
+    const float *xj[NP]; \
+    for (int j = 0; j < (NP); j++) xj[j] = xb + pos[p0 + j]; \
+    for (int v = 0; v < (V); v++) { const f16 b_ = load_f16(bias + cb + 16 * v); for (int j = 0; j < (NP); j++) acc[j][v] = b_; } \
+    for (long k = 0; k < K; k++) { \
+        const float *wk = wt + k * OCp + cb; \
+        const long o = off[k]; \
+        f16 w_[V]; \
+        for (int v = 0; v < (V); v++) w_[v] = load_f16(wk + 16 * v); \
+        for (int j = 0; j < (NP); j++) { \
+            const f16 x_ = (f16)(xj[j][o]); \
+            for (int v = 0; v < (V); v++) acc[j][v] += w_[v] * x_; \
+        } \
+    } \
+    if (relu) \
+        for (int j = 0; j < (NP); j++) \
+            for (int v = 0; v < (V); v++) acc[j][v] = __builtin_elementwise_max(acc[j][v], (f16)0.0f); \
+    float out[NP][16 * (V)]; \
+    __builtin_memcpy(out, acc, sizeof out); \
+    for (long l = 0; l < 16 * (V) && cb + l < outC; l++) { \
+        float *dst = y + (cb + l) * plane + p0; \
+        for (long j = 0; j < count; j++) dst[j] = out[j][l]; \
+    } \
+}
+CV_FORWARD_WIDE_TILE(2, 7)
+CV_FORWARD_WIDE_TILE(1, 10)
+
+// One sample's group through the wide tiles (32, then 16, then 8 channels at a time).
+static TANDEM_AVX512 void cv_forward_group_wide(float *yg, const float *xg, const float *wg, const float *bg, const int32_t *off,
+                                                const int32_t *pos, long P, long K, long OCp, long outGroup, int relu) {
+    for (long cb = 0; cb < OCp;) {
+        if (OCp - cb >= 32) {
+            for (long p0 = 0; p0 < P; p0 += 7) cv_forward_wide_2_7(yg, xg, wg, bg, off, pos, p0, lmin(7, P - p0), K, OCp, cb, outGroup, P, relu);
+            cb += 32;
+        } else if (OCp - cb >= 16) {
+            for (long p0 = 0; p0 < P; p0 += 10) cv_forward_wide_1_10(yg, xg, wg, bg, off, pos, p0, lmin(10, P - p0), K, OCp, cb, outGroup, P, relu);
+            cb += 16;
+        } else {
+            for (long p0 = 0; p0 < P; p0 += 7) cv_forward_1_7(yg, xg, wg, bg, off, pos, p0, lmin(7, P - p0), K, OCp, cb, outGroup, P, relu);
+            cb += 8;
+        }
+    }
+}
+#else
+#define TANDEM_WIDE 0
+#endif
+
+// Whether the convolutions use the wide tiles: the CPU runs AVX-512, TANDEM_NO_AVX512=1 is not in the
+// environment and tandem_cv_set_wide has not turned them off (-1 until first asked).
+static int cv_wide_state = -1;
+int tandem_cv_wide(void) {
+    int w = __atomic_load_n(&cv_wide_state, __ATOMIC_RELAXED);
+    if (w < 0) {
+        const char *off = getenv("TANDEM_NO_AVX512");
+        w = TANDEM_WIDE && tandem_cpu_has_avx512() && !(off && off[0] == '1');
+        __atomic_store_n(&cv_wide_state, w, __ATOMIC_RELAXED);
+    }
+    return w;
+}
+int tandem_cv_set_wide(int on) {
+    const int w = on && TANDEM_WIDE && tandem_cpu_has_avx512();
+    __atomic_store_n(&cv_wide_state, w, __ATOMIC_RELAXED);
+    return w;
+}
+
 TANDEM_CLONES
 void tandem_cv_forward_f32(float *restrict y, float *restrict xp, const float *restrict x, const float *restrict wt,
                            const float *restrict bias, long n, long outC, TandemConvShape s, int relu) {
@@ -481,6 +580,8 @@ void tandem_cv_forward_f32(float *restrict y, float *restrict xp, const float *r
     const long P = s.outH * s.outW;
     int32_t off[round12(K)], pos[P + 12];
     cv_tables(off, pos, s);
+    const int wide = tandem_cv_wide();
+    (void)wide;
     float b[G * OCp];
     for (long g = 0; g < G; g++)
         for (long oc = 0; oc < OCp; oc++) b[g * OCp + oc] = bias && oc < outGroup ? bias[g * outGroup + oc] : 0;
@@ -493,6 +594,9 @@ void tandem_cv_forward_f32(float *restrict y, float *restrict xp, const float *r
         for (long g = 0; g < G; g++) {
             const float *xg = xb + g * s.inGroup * Hp * Wp, *wg = wt + g * K * OCp, *bg = b + g * OCp;
             float *yg = y + (i * outC + g * outGroup) * P;
+#if TANDEM_WIDE
+            if (wide) { cv_forward_group_wide(yg, xg, wg, bg, off, pos, P, K, OCp, outGroup, relu); continue; }
+#endif
             for (long cb = 0; cb < OCp;) {
                 if (OCp - cb >= 16) {
                     for (long p0 = 0; p0 < P; p0 += 6) cv_forward_2_6(yg, xg, wg, bg, off, pos, p0, lmin(6, P - p0), K, OCp, cb, outGroup, P, relu);
@@ -532,6 +636,48 @@ static inline __attribute__((always_inline)) void cv_grad_##V##_##NT(float *acc,
 CV_GRAD_TILE(2, 6)
 CV_GRAD_TILE(1, 12)
 
+#if TANDEM_WIDE
+#define CV_GRAD_WIDE_TILE(V, NT) \
+static inline __attribute__((always_inline)) TANDEM_AVX512 void cv_grad_wide_##V##_##NT(float *acc, const float *xb, const float *dyT, \
+                                      const int32_t *off, const int32_t *pos, long P, long k0, long OCp, long cb) { \
+    f16 a[NT][V]; \
+    long o[NT]; \
+    for (int t = 0; t < (NT); t++) { \
+        o[t] = off[k0 + t]; \
+        for (int v = 0; v < (V); v++) a[t][v] = load_f16(acc + (k0 + t) * OCp + cb + 16 * v); \
+    } \
+    for (long p = 0; p < P; p++) { \
+        const float *xq = xb + pos[p]; \
+        f16 d[V]; \
+        for (int v = 0; v < (V); v++) d[v] = load_f16(dyT + p * OCp + cb + 16 * v); \
+        for (int t = 0; t < (NT); t++) { \
+            const f16 x_ = (f16)(xq[o[t]]); \
+            for (int v = 0; v < (V); v++) a[t][v] += d[v] * x_; \
+        } \
+    } \
+    for (int t = 0; t < (NT); t++) \
+        for (int v = 0; v < (V); v++) __builtin_memcpy(acc + (k0 + t) * OCp + cb + 16 * v, &a[t][v], sizeof(f16)); \
+}
+CV_GRAD_WIDE_TILE(2, 6)
+CV_GRAD_WIDE_TILE(1, 12)
+
+static TANDEM_AVX512 void cv_grad_sample_wide(float *acc, const float *xg, const float *dyT, const int32_t *off, const int32_t *pos,
+                                              long P, long K, long OCp) {
+    for (long cb = 0; cb < OCp;) {
+        if (OCp - cb >= 32) {
+            for (long k0 = 0; k0 < K; k0 += 6) cv_grad_wide_2_6(acc, xg, dyT, off, pos, P, k0, OCp, cb);
+            cb += 32;
+        } else if (OCp - cb >= 16) {
+            for (long k0 = 0; k0 < K; k0 += 12) cv_grad_wide_1_12(acc, xg, dyT, off, pos, P, k0, OCp, cb);
+            cb += 16;
+        } else {
+            for (long k0 = 0; k0 < K; k0 += 12) cv_grad_1_12(acc, xg, dyT, off, pos, P, k0, OCp, cb);
+            cb += 8;
+        }
+    }
+}
+#endif
+
 TANDEM_CLONES
 void tandem_cv_weight_grad_f32(float *restrict dw, float *restrict db, float *restrict scratch, const float *restrict dy,
                                const float *restrict xp, long n, long outC, TandemConvShape s) {
@@ -539,6 +685,8 @@ void tandem_cv_weight_grad_f32(float *restrict dw, float *restrict db, float *re
     const long G = cv_groups(s), outGroup = outC / G, OCp = tandem_cv_channels(outGroup), P = s.outH * s.outW;
     int32_t off[Kp], pos[P + 12];
     cv_tables(off, pos, s);
+    const int wide = tandem_cv_wide();
+    (void)wide;
     float *dyT = scratch, *acc = scratch + P * OCp;
     double bsum[OCp];
     for (long g = 0; g < G; g++) {
@@ -550,6 +698,9 @@ void tandem_cv_weight_grad_f32(float *restrict dw, float *restrict db, float *re
                 for (long p = 0; p < P; p++) dyT[p * OCp + oc] = dyg[oc * P + p];
                 bsum[oc] += (double)plane_sum(dyg + oc * P, P);
             }
+#if TANDEM_WIDE
+            if (wide) { cv_grad_sample_wide(acc, xg, dyT, off, pos, P, K, OCp); continue; }
+#endif
             for (long cb = 0; cb < OCp;) {
                 if (OCp - cb >= 16) {
                     for (long k0 = 0; k0 < K; k0 += 6) cv_grad_2_6(acc, xg, dyT, off, pos, P, k0, OCp, cb);

@@ -49,6 +49,11 @@ extension Double: Scalar {
 public enum BLAS {
     public static func setThreads(_ n: Int) { openblas_set_num_threads(Int32(max(1, n))) }
     public static var threads: Int { Int(openblas_get_num_threads()) }
+
+    /// The kernels OpenBLAS chose as it loaded (`openblas_get_corename`, e.g. "Haswell"): its own
+    /// pick for the CPU, or OPENBLAS_CORETYPE's, which Tandem leaves as the user set it (some
+    /// machines set it to Haswell on AVX-512 CPUs whose AVX-512 kernels older OpenBLAS gets wrong).
+    public static var core: String { openblas_get_corename().map { String(cString: $0) } ?? "unknown" }
 }
 
 /// Allocates `count` zeroed elements, 64-byte aligned; the caller owns the memory.

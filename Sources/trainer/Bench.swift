@@ -94,6 +94,7 @@ struct Bench: ParsableCommand {
             let oversubscribed = o.ranksOnThisMachine * trainer.threads > cores
             print(String(format: "%@: %d steps of batch %d, %d rank(s) x %d thread(s): %@ img/s (%.3f ms/step)",
                          c.source, steps, c.batchSize, comm.size, trainer.threads, formatCount(images / elapsed), 1000 * elapsed / Double(steps)))
+            print("BLAS: OpenBLAS, \(BLAS.core) kernels" + (getenv("OPENBLAS_CORETYPE") != nil ? " (OPENBLAS_CORETYPE)" : ""))
             if let trace { print("trace: " + (comm.size > 1 ? "\(trace).rank0 .. \(trace).rank\(comm.size - 1)" : trace)) }
             print(names.map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
             if trainer.sync.active {
@@ -133,7 +134,7 @@ struct Bench: ParsableCommand {
                     "transport": trainer.sync.transportName, "balance": trainer.balancing, "dynamic": trainer.dynamic, "shares": trainer.shares, "wait_for_slowest_rank_ms": slowestMs, "gradient_wait_ms": gradientWaitMs,
                     "allreduce_ms": allreduceMs, "buckets": trainer.sync.buckets.count,
                     "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,
-                    "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,
+                    "blas_core": BLAS.core, "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,
                     "tags": tagDictionary(tag),
                     "ranks": perRank.enumerated().map { r, v in
                         ["rank": r, "phases_ms": Dictionary(uniqueKeysWithValues: zip(names, v)), "allreduce_ms": v[5], "wait_for_slowest_rank_ms": v[6], "gradient_wait_ms": v[7]] as [String: Any] },

@@ -1,6 +1,7 @@
 // The network as a whole: a batch split over parts gives the step of the unsplit batch; dropout
 // masks belong to samples, not to parts; evaluation mode; SGD on LeNet-5 learns a fixed batch;
 // graph errors name their layer; parameter counts of the reference models.
+import CKernels
 import Testing
 @testable import TandemCore
 
@@ -543,10 +544,13 @@ private let dagLayers: [LayerSpec] = [
     /// The channel-vectorised direct convolution (stride 1, at least 8 output channels per group), as
     /// a first layer and behind a 1x1 convolution (so that its input gradient is needed): channel
     /// blocks of 16 and a last block of 8, groups, output positions and window taps that leave tiles
-    /// partly filled, padding up to kernel - 1, bias or none. 11 x 17 inputs.
+    /// partly filled, padding up to kernel - 1, bias or none. 11 x 17 inputs. With the 16-wide tiles
+    /// (AVX-512) the last four take their input gradient as a convolution of dy (at least 8 input
+    /// channels per group, padding at least half the kernel), the others through GEMM + col2im.
     @Test(arguments: [(1, 64, 5, 2, true, true, 1), (6, 16, 5, 0, true, false, 1), (3, 8, 3, 1, false, false, 1),
                       (5, 24, 3, 2, true, false, 1), (2, 40, 5, 4, false, true, 1), (8, 48, 3, 1, true, false, 2),
-                      (6, 24, 3, 1, false, false, 3)])
+                      (6, 24, 3, 1, false, false, 3), (16, 40, 3, 1, true, false, 1), (32, 48, 3, 1, false, false, 2),
+                      (24, 16, 5, 2, true, false, 1), (8, 24, 3, 2, false, false, 1)])
     func channelDirectConvolutionMatchesTheDoubleStep(channels: Int, outChannels: Int, kernel: Int, pad: Int, bias: Bool, first: Bool,
                                                       groups: Int) throws {
         let input = Shape(channels, 11, 17)
@@ -562,5 +566,47 @@ private let dagLayers: [LayerSpec] = [
         let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)
         #expect(g.error <= 1e-4, "gradient of \(g.tensor) differs by \(g.error)")
         #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
+    }
+
+    /// On a CPU with AVX-512 the channel-vectorised convolution runs 16-wide tiles (blocks of 32 and
+    /// 16 channels, a last block of 8 on the 8-wide tile); each output and weight-gradient lane sums the
+    /// same products in the same order as the 8-wide tiles, so a step gives the same bits either way.
+    /// The shapes of the test above, which cover every block.
+    @Test(.enabled(if: tandem_cpu_has_avx512() != 0, "needs a CPU with AVX-512"))
+    func wideConvolutionTilesGiveTheBitsOfTheNarrowOnes() throws {
+        defer { _ = tandem_cv_set_wide(1) }
+        for (channels, outChannels, kernel, pad, bias, first, groups) in [
+            (1, 64, 5, 2, true, true, 1), (6, 16, 5, 0, true, false, 1), (3, 8, 3, 1, false, false, 1), (5, 24, 3, 2, true, false, 1),
+            (2, 40, 5, 4, false, true, 1), (8, 48, 3, 1, true, false, 2), (6, 24, 3, 1, false, false, 3), (4, 96, 3, 1, true, false, 1),
+            (16, 40, 3, 1, true, false, 1), (32, 48, 3, 1, false, false, 2), (24, 16, 5, 2, true, false, 1), (8, 24, 3, 2, false, false, 1),
+        ] {
+            let input = Shape(channels, 11, 17)
+            let layers = (first ? [] : [conv("pre", channels, k: 1, bias: false)])
+                + [conv("c", outChannels, k: kernel, p: pad, groups: groups, bias: bias), layer("r", .relu), layer("f", .flatten),
+                   layer("fc", .linear(outFeatures: 10, bias: true))]
+            #expect(tandem_cv_set_wide(1) == 1)
+            let wide = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
+            #expect(tandem_cv_set_wide(0) == 0)
+            let narrow = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
+            let shape = "\(channels) -> \(outChannels), \(kernel)x\(kernel) pad \(pad), groups \(groups)"
+            let sameOutputs = wide.output.map(\.bitPattern) == narrow.output.map(\.bitPattern)
+            #expect(sameOutputs, "outputs differ: \(shape)")
+            // The layer in front of the tested one gets its gradient through the tested one's input
+            // gradient, which the wide tiles compute as a convolution of dy where it can (the same sums in
+            // another order): the same values, not the same bits.
+            let graph = try Graph(input: input, layers: layers)
+            for info in graph.parameters {
+                let r = info.offset..<(info.offset + info.count)
+                if info.name.hasPrefix("pre") {
+                    var whole = info
+                    whole.offset = 0
+                    let e = worstTensorError(Array(narrow.gradients[r]), Array(wide.gradients[r]), [whole])
+                    #expect(e.error <= 1e-5, "gradient of \(info.name) differs by \(e.error): \(shape)")
+                } else {
+                    let same = wide.gradients[r].map(\.bitPattern) == narrow.gradients[r].map(\.bitPattern)
+                    #expect(same, "gradient of \(info.name) differs: \(shape)")
+                }
+            }
+        }
     }
 }

@@ -63,6 +63,10 @@ long tandem_cv_channels(long outC);
 long tandem_cv_padded_count(long n, TandemConvShape s);
 long tandem_cv_weights_count(long outC, TandemConvShape s);
 void tandem_cv_weights_f32(float *wt, const float *w, long outC, TandemConvShape s);
+/// The weights of a stride-1 convolution's input gradient taken as a convolution of dy (weights flipped
+/// in both axes, in- and output channels swapped within each group), in tandem_cv_weights_f32's layout
+/// for that transposed shape; `s` and `outC` are the forward convolution's.
+void tandem_cv_transposed_weights_f32(float *wt, const float *w, long outC, TandemConvShape s);
 void tandem_cv_forward_f32(float *y, float *xp, const float *x, const float *wt, const float *bias,
                            long n, long outC, TandemConvShape s, int relu);
 /// Weight and bias gradients (added to dw, db; db may be null) from dy and the kept padded input;
@@ -135,5 +139,14 @@ static inline void tandem_cpu_relax(void) {
     __asm__ __volatile__("yield");
 #endif
 }
+
+/// 1 when the CPU runs AVX-512 F, BW, DQ and VL (x86-64-v4), else 0.
+int tandem_cpu_has_avx512(void);
+
+/// Whether the channel-vectorised convolutions use their 16-wide AVX-512 tiles (on by default where
+/// the CPU has them; they give the same bits as the 8-wide ones): sets it, returns what it now is.
+int tandem_cv_set_wide(int on);
+/// Whether they do (1) or not (0).
+int tandem_cv_wide(void);
 
 #endif

@@ -21,6 +21,13 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
         let padded, weights, sums: UnsafeMutablePointer<Float>
     }
     var channelDirect: ChannelDirect?
+    /// The input gradient as a channel-vectorised convolution of dy (`ConvGeometry.inputGradientAsConvolution`):
+    /// its geometry, dy padded, the flipped weights in the kernels' layout. Allocated once bound, if dx is needed.
+    struct TransposedDirect {
+        let g: ConvGeometry
+        let padded, weights: UnsafeMutablePointer<Float>
+    }
+    var transposedDirect: TransposedDirect?
     /// The ReLU that follows this layer is applied here, as the output is written (see Network).
     var fusesReLU = false
 
@@ -56,6 +63,14 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
     /// bound: it allocates its column matrices (LeNet-5's conv1: 5 MB at batch 64) only if not.
     override func bound() {
         if channelDirect == nil && cols == nil && !direct { allocateColumns() }
+        // Only with the 16-wide tiles: there it halves the input gradient's time (the small AlexNet's
+        // conv3 backward 20.1-20.4 -> 13.0-15.3 ms with its weight gradient), while with 8-wide tiles
+        // OpenBLAS's GEMM + col2im stays a little faster (25.5-26.7 against 27.4-28.4 ms).
+        if channelDirect != nil, tandem_cv_wide() != 0, dx.contains(where: { $0 != nil }), let t = g.inputGradientAsConvolution {
+            transposedDirect = TransposedDirect(
+                g: t, padded: own(allocateZeroed(Float.self, count: tandem_cv_padded_count(capacity, t.c))),
+                weights: own(allocateZeroed(Float.self, count: tandem_cv_weights_count(t.outC, t.c))))
+        }
     }
 
     /// A layer with few input channels at stride 1 whose input needs no gradient (a network's first
@@ -84,8 +99,12 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
         if let cd = channelDirect {
             tandem_cv_weight_grad_f32(floats(dw), hasBias ? floats(dw + g.outC * g.k) : nil, cd.sums, floats(dy0(c)), cd.padded,
                                       c.count, g.outC, g.c)
-            // The input gradient through GEMM and col2im: as a direct pass over the zero-padded dy,
-            // half of LeNet-5's conv2 taps would multiply padding (1.1 ms against 0.7).
+            if let t = transposedDirect, let dx = dx0(c) {
+                tandem_cv_transposed_weights_f32(t.weights, floats(w), g.outC, g.c)
+                tandem_cv_forward_f32(floats(dx), t.padded, floats(dy0(c)), t.weights, nil, c.count, t.g.outC, t.g.c, 0)
+                return
+            }
+            // Otherwise the input gradient through GEMM and col2im (see `inputGradientAsConvolution`).
             if let dx = dx0(c) {
                 convBackward(dx, dWeight: nil, dBias: nil, tmp: tmp, dcol: dcol, dy0(c), x: x0(c), cols: nil, weight: w, n: c.count, g,
                              chunk: g.chunkSamples(batch: c.count))
