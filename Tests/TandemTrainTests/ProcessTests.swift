@@ -118,6 +118,9 @@ struct MPITests {
         let o = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any])
         #expect(o["world_size"] as? Int == 2 && o["threads"] as? Int == 1 && o["batch_size"] as? Int == 32)
         #expect((o["images_per_second"] as? Double ?? 0) > 0)
+        // The OpenBLAS kernels the ranks run (openblas_get_corename), in the JSON and the report.
+        let core = try #require(o["blas_core"] as? String)
+        #expect(!core.isEmpty && core != "unknown" && r.output.contains("BLAS: OpenBLAS, \(core) kernels"), "\(core): \(r.output)")
         let phases = ["data", "forward", "backward", "allreduce_wait", "optimizer"]
         let job = try #require(o["phases_ms"] as? [String: Double])
         #expect(Set(job.keys) == Set(phases))
