@@ -282,9 +282,21 @@ long tandem_direct_padded_count(long n, TandemConvShape s) {
 // in the builds without AVX.
 #define load_f8(p) ({ f8 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
 
+// 16-wide vectors for the AVX-512 tiles (tandem_cv_wide).
+#if defined(__x86_64__) && defined(__clang__)
+#define TANDEM_WIDE 1
+#define TANDEM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+typedef float f16 __attribute__((ext_vector_type(16)));
+#define load_f16(p) ({ f16 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
+#else
+#define TANDEM_WIDE 0
+#endif
+
 // OB output channels of one output row chunk (8 columns) at a time, the accumulators in registers.
+// Always inlined, also in debug builds: inlined into the AVX2 clone it multiplies and adds in one
+// rounding (FMA), as the 16-wide blocks do.
 #define DIRECT_BLOCK(OB) \
-static inline void direct_block_##OB(float *y, const float *xp, const float *w, const float *bias, long oc, \
+static inline __attribute__((always_inline)) void direct_block_##OB(float *y, const float *xp, const float *w, const float *bias, long oc, \
                                      long oh, long chunk, TandemConvShape s, long Hp, long Wp, int relu) { \
     const long K = s.inC * s.kH * s.kW, plane = s.outH * s.outW; \
     f8 acc[OB]; \
@@ -314,11 +326,66 @@ DIRECT_BLOCK(3)
 DIRECT_BLOCK(2)
 DIRECT_BLOCK(1)
 
+// The same 16 columns at a time with the AVX-512 tiles: each output sums the same products in the same
+// order, so the bits are the 8-column blocks'.
+#if TANDEM_WIDE
+#define DIRECT_BLOCK_WIDE(OB) \
+static inline __attribute__((always_inline)) TANDEM_AVX512 void direct_block_wide_##OB(float *y, const float *xp, const float *w, \
+                                     const float *bias, long oc, long oh, long chunk, TandemConvShape s, long Hp, long Wp, int relu) { \
+    const long K = s.inC * s.kH * s.kW, plane = s.outH * s.outW; \
+    f16 acc[OB]; \
+    for (int o = 0; o < (OB); o++) acc[o] = (f16)(bias ? bias[oc + o] : 0.0f); \
+    for (long c = 0; c < s.inC; c++) \
+        for (long ki = 0; ki < s.kH; ki++) { \
+            const float *row = xp + (c * Hp + oh + ki) * Wp + chunk; \
+            const float *wr = w + oc * K + (c * s.kH + ki) * s.kW; \
+            for (long kj = 0; kj < s.kW; kj++) { \
+                const f16 xv = load_f16(row + kj); \
+                for (int o = 0; o < (OB); o++) acc[o] += wr[o * K + kj] * xv; \
+            } \
+        } \
+    for (int o = 0; o < (OB); o++) { \
+        if (relu) acc[o] = __builtin_elementwise_max(acc[o], (f16)0.0f); \
+        float *dst = y + (oc + o) * plane + oh * s.outW + chunk; \
+        if (chunk + 16 <= s.outW) __builtin_memcpy(dst, &acc[o], sizeof(f16)); \
+        else for (long l = 0; l < s.outW - chunk; l++) dst[l] = acc[o][l]; \
+    } \
+}
+DIRECT_BLOCK_WIDE(8)
+DIRECT_BLOCK_WIDE(7)
+DIRECT_BLOCK_WIDE(6)
+DIRECT_BLOCK_WIDE(5)
+DIRECT_BLOCK_WIDE(4)
+DIRECT_BLOCK_WIDE(3)
+DIRECT_BLOCK_WIDE(2)
+DIRECT_BLOCK_WIDE(1)
+
+// One output row's chunk of 16 columns (within the padded row of tandem_direct_row(outW) columns, whose
+// last 8 columns the narrow blocks take when 16 do not fit), all output channels.
+static TANDEM_AVX512 void direct_chunk_wide(float *yb, const float *xb, const float *w, const float *bias, long outC, long oh,
+                                            long chunk, TandemConvShape s, long Hp, long Wp, int relu) {
+    long oc = 0;
+    for (; oc + 8 <= outC; oc += 8) direct_block_wide_8(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu);
+    switch (outC - oc) {
+    case 7: direct_block_wide_7(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+    case 6: direct_block_wide_6(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+    case 5: direct_block_wide_5(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+    case 4: direct_block_wide_4(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+    case 3: direct_block_wide_3(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+    case 2: direct_block_wide_2(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+    case 1: direct_block_wide_1(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
+    default: break;
+    }
+}
+#endif
+
 TANDEM_CLONES
 void tandem_direct_conv_forward_f32(float *restrict y, float *restrict xp, const float *restrict x, const float *restrict w,
                                     const float *restrict bias, long n, long outC, TandemConvShape s, int relu) {
-    const long Hp = s.outH + s.kH - 1, Wp = tandem_direct_row(s.outW) + s.kW - 1, inPlane = s.inH * s.inW;
+    const long row = tandem_direct_row(s.outW), Hp = s.outH + s.kH - 1, Wp = row + s.kW - 1, inPlane = s.inH * s.inW;
     const long outPlane = s.outH * s.outW;
+    const int wide = tandem_cv_wide();
+    (void)wide;
     for (long b = 0; b < n; b++) {
         // The padded copy of this sample's input.
         float *xb = xp + b * s.inC * Hp * Wp;
@@ -332,6 +399,9 @@ void tandem_direct_conv_forward_f32(float *restrict y, float *restrict xp, const
         float *yb = y + b * outC * outPlane;
         for (long oh = 0; oh < s.outH; oh++)
             for (long chunk = 0; chunk < s.outW; chunk += 8) {
+#if TANDEM_WIDE
+                if (wide && chunk + 16 <= row) { direct_chunk_wide(yb, xb, w, bias, outC, oh, chunk, s, Hp, Wp, relu); chunk += 8; continue; }
+#endif
                 // Eight output channels at a time, then the rest in one block (LeNet-5's 6 in one).
                 long oc = 0;
                 for (; oc + 8 <= outC; oc += 8) direct_block_8(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu);
@@ -498,11 +568,7 @@ CV_FORWARD_TILE(1, 7)
 
 // The same tiles 16 channels wide, for AVX-512 (32 registers): each output lane sums the same
 // products in the same order as the 8-wide tiles, so both give the same bits.
-#if defined(__x86_64__) && defined(__clang__)
-#define TANDEM_WIDE 1
-#define TANDEM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
-typedef float f16 __attribute__((ext_vector_type(16)));
-#define load_f16(p) ({ f16 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
+#if TANDEM_WIDE
 #define CV_FORWARD_WIDE_TILE(V, NP) \
 static inline __attribute__((always_inline)) TANDEM_AVX512 void cv_forward_wide_##V##_##NP(float *y, const float *xb, const float *wt, \
                                          const float *bias, const int32_t *off, const int32_t *pos, long p0, long count, long K, long OCp, \
@@ -550,8 +616,6 @@ static TANDEM_AVX512 void cv_forward_group_wide(float *yg, const float *xg, cons
         }
     }
 }
-#else
-#define TANDEM_WIDE 0
 #endif
 
 // Whether the convolutions use the wide tiles: the CPU runs AVX-512, TANDEM_NO_AVX512=1 is not in the

@@ -568,13 +568,30 @@ private let dagLayers: [LayerSpec] = [
         #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
     }
 
-    /// On a CPU with AVX-512 the channel-vectorised convolution runs 16-wide tiles (blocks of 32 and
-    /// 16 channels, a last block of 8 on the 8-wide tile); each output and weight-gradient lane sums the
-    /// same products in the same order as the 8-wide tiles, so a step gives the same bits either way.
-    /// The shapes of the test above, which cover every block.
+    /// On a CPU with AVX-512 the convolutions run 16-wide tiles (the channel-vectorised one blocks of 32
+    /// and 16 channels, a last block of 8 on the 8-wide tile; the direct one 16 output columns); each
+    /// output and weight-gradient lane sums the same products in the same order as the 8-wide tiles, so
+    /// a step gives the same bits either way. The shapes of the tests above, which cover every block.
     @Test(.enabled(if: tandem_cpu_has_avx512() != 0, "needs a CPU with AVX-512"))
     func wideConvolutionTilesGiveTheBitsOfTheNarrowOnes() throws {
         defer { _ = tandem_cv_set_wide(1) }
+        // The direct first convolution (fewer than 8 output channels): 16 output columns at a time where
+        // they fit in the padded row, the last 8 on the narrow block; 19 columns (one wide chunk, then a
+        // narrow one) and 40 (two wide, one narrow).
+        for (input, outChannels, kernel, pad, bias) in [
+            (Shape(1, 12, 19), 6, 5, 2, true), (Shape(3, 12, 19), 7, 3, 1, false), (Shape(2, 12, 19), 5, 7, 3, true),
+            (Shape(1, 9, 40), 6, 5, 2, true), (Shape(4, 9, 40), 1, 3, 0, false),
+        ] {
+            let layers = [conv("c", outChannels, k: kernel, p: pad, bias: bias), layer("r", .relu), layer("f", .flatten),
+                          layer("fc", .linear(outFeatures: 10, bias: true))]
+            #expect(tandem_cv_set_wide(1) == 1)
+            let wide = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
+            #expect(tandem_cv_set_wide(0) == 0)
+            let narrow = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
+            let same = wide.output.map(\.bitPattern) == narrow.output.map(\.bitPattern)
+                && wide.gradients.map(\.bitPattern) == narrow.gradients.map(\.bitPattern)
+            #expect(same, "direct convolution \(input) -> \(outChannels), \(kernel)x\(kernel) pad \(pad): the bits differ")
+        }
         for (channels, outChannels, kernel, pad, bias, first, groups) in [
             (1, 64, 5, 2, true, true, 1), (6, 16, 5, 0, true, false, 1), (3, 8, 3, 1, false, false, 1), (5, 24, 3, 2, true, false, 1),
             (2, 40, 5, 4, false, true, 1), (8, 48, 3, 1, true, false, 2), (6, 24, 3, 1, false, false, 3), (4, 96, 3, 1, true, false, 1),
