@@ -9,16 +9,6 @@
 #define TANDEM_CLONES
 #endif
 
-int tandem_cpu_has_avx512(void) {
-#if defined(__x86_64__) && (defined(__clang__) || defined(__GNUC__))
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl");
-#else
-    return 0;
-#endif
-}
-
 static inline long lmax(long a, long b) { return a > b ? a : b; }
 static inline long lmin(long a, long b) { return a < b ? a : b; }
 
@@ -282,8 +272,10 @@ long tandem_direct_padded_count(long n, TandemConvShape s) {
 // in the builds without AVX.
 #define load_f8(p) ({ f8 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
 
-// 16-wide vectors for the AVX-512 tiles (tandem_cv_wide).
-#if defined(__x86_64__) && defined(__clang__)
+// 16-wide vectors for the AVX-512 tiles (tandem_cv_wide). Only where the 8-wide tiles run as an AVX2 +
+// FMA clone (Linux, clang): elsewhere they multiply and add in two roundings, and the 16-wide tiles,
+// which fuse them, would not give their bits.
+#if defined(__x86_64__) && defined(__linux__) && defined(__clang__)
 #define TANDEM_WIDE 1
 #define TANDEM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 typedef float f16 __attribute__((ext_vector_type(16)));
@@ -618,20 +610,40 @@ static TANDEM_AVX512 void cv_forward_group_wide(float *yg, const float *xg, cons
 }
 #endif
 
-// Whether the convolutions use the wide tiles: the CPU runs AVX-512, TANDEM_NO_AVX512=1 is not in the
-// environment and tandem_cv_set_wide has not turned them off (-1 until first asked).
+// Whether the CPU runs the wide tiles: AVX-512 F, BW, DQ and VL, and everything the AVX2 + FMA clone of
+// the 8-wide tiles needs (x86-64-v4 includes v3), so that both fuse their multiply-adds; and
+// TANDEM_NO_AVX512=1 is not in the environment. Asked once (-1 until then).
+static int wide_available_state = -1;
+int tandem_wide_kernels_available(void) {
+    int w = __atomic_load_n(&wide_available_state, __ATOMIC_RELAXED);
+    if (w < 0) {
+#if TANDEM_WIDE
+        __builtin_cpu_init();
+        const char *off = getenv("TANDEM_NO_AVX512");
+        w = __builtin_cpu_supports("x86-64-v4") && !(off && off[0] == '1');
+#else
+        w = 0;
+#endif
+        __atomic_store_n(&wide_available_state, w, __ATOMIC_RELAXED);
+    }
+    return w;
+}
+
+// Whether the tiles now run wide: available, and not turned off by tandem_cv_set_wide (-1: not set yet,
+// then the same as available; set only from -1 or by tandem_cv_set_wide, so that a first call racing
+// with tandem_cv_set_wide cannot undo it).
 static int cv_wide_state = -1;
 int tandem_cv_wide(void) {
     int w = __atomic_load_n(&cv_wide_state, __ATOMIC_RELAXED);
     if (w < 0) {
-        const char *off = getenv("TANDEM_NO_AVX512");
-        w = TANDEM_WIDE && tandem_cpu_has_avx512() && !(off && off[0] == '1');
-        __atomic_store_n(&cv_wide_state, w, __ATOMIC_RELAXED);
+        int expected = -1;
+        w = tandem_wide_kernels_available();
+        if (!__atomic_compare_exchange_n(&cv_wide_state, &expected, w, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) w = expected;
     }
     return w;
 }
 int tandem_cv_set_wide(int on) {
-    const int w = on && TANDEM_WIDE && tandem_cpu_has_avx512();
+    const int w = on && tandem_wide_kernels_available();
     __atomic_store_n(&cv_wide_state, w, __ATOMIC_RELAXED);
     return w;
 }

@@ -140,11 +140,13 @@ static inline void tandem_cpu_relax(void) {
 #endif
 }
 
-/// 1 when the CPU runs AVX-512 F, BW, DQ and VL (x86-64-v4), else 0.
-int tandem_cpu_has_avx512(void);
+/// 1 when the convolutions can run their 16-wide AVX-512 tiles: built for x86-64 Linux by clang, a CPU
+/// with x86-64-v4 (AVX-512 F, BW, DQ, VL), and TANDEM_NO_AVX512=1 not in the environment. Networks
+/// built then also take a convolution's input gradient as a convolution of dy where it fits.
+int tandem_wide_kernels_available(void);
 
-/// Whether the channel-vectorised convolutions use their 16-wide AVX-512 tiles (on by default where
-/// the CPU has them; they give the same bits as the 8-wide ones): sets it, returns what it now is.
+/// Whether the convolution kernels use their 16-wide tiles (by default where available; they give the
+/// same bits as the 8-wide ones): sets it, returns what it now is. For tests.
 int tandem_cv_set_wide(int on);
 /// Whether they do (1) or not (0).
 int tandem_cv_wide(void);

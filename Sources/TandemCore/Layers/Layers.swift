@@ -63,10 +63,13 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
     /// bound: it allocates its column matrices (LeNet-5's conv1: 5 MB at batch 64) only if not.
     override func bound() {
         if channelDirect == nil && cols == nil && !direct { allocateColumns() }
-        // Only with the 16-wide tiles: there it halves the input gradient's time (the small AlexNet's
-        // conv3 backward 20.1-20.4 -> 13.0-15.3 ms with its weight gradient), while with 8-wide tiles
-        // OpenBLAS's GEMM + col2im stays a little faster (25.5-26.7 against 27.4-28.4 ms).
-        if channelDirect != nil, tandem_cv_wide() != 0, dx.contains(where: { $0 != nil }), let t = g.inputGradientAsConvolution {
+        // Only where the 16-wide tiles can run: there it halves the input gradient's time (the small
+        // AlexNet's conv3 backward 20.1-20.4 -> 13.0-15.3 ms with its weight gradient), while with 8-wide
+        // tiles OpenBLAS's GEMM + col2im stays a little faster (25.5-26.7 against 27.4-28.4 ms). Decided
+        // by the machine, not by the tiles' current width, so a network's arithmetic never depends on
+        // when it was built.
+        if channelDirect != nil, tandem_wide_kernels_available() != 0, dx.contains(where: { $0 != nil }),
+           let t = g.inputGradientAsConvolution {
             transposedDirect = TransposedDirect(
                 g: t, padded: own(allocateZeroed(Float.self, count: tandem_cv_padded_count(capacity, t.c))),
                 weights: own(allocateZeroed(Float.self, count: tandem_cv_weights_count(t.outC, t.c))))
