@@ -502,6 +502,54 @@ void tandem_cv_weights_f32(float *restrict wt, const float *restrict w, long out
             for (long oc = 0; oc < OCp; oc++) wt[(g * K + k) * OCp + oc] = oc < outGroup ? w[(g * outGroup + oc) * K + k] : 0;
 }
 
+#if TANDEM_WIDE
+// R rows of C's block of w <= 16 columns from the k vectors of B's block held in registers: each output
+// sums its k products in the order p = 0, 1, ..., k - 1, each a fused multiply-add.
+#define SMALLK_ROWS(R) \
+static inline __attribute__((always_inline)) TANDEM_AVX512 void smallk_rows_##R(float *c, const float *a, const f16 *bv, long i, long k, \
+                                                                             long lda, long ldc, long w) { \
+    f16 acc[R]; \
+    for (int r = 0; r < (R); r++) acc[r] = (f16)0.0f; \
+    for (long p = 0; p < k; p++) \
+        for (int r = 0; r < (R); r++) acc[r] += (f16)(a[p * lda + i + r]) * bv[p]; \
+    for (int r = 0; r < (R); r++) { \
+        if (w == 16) __builtin_memcpy(c + (i + r) * ldc, &acc[r], sizeof(f16)); \
+        else { float o_[16]; __builtin_memcpy(o_, &acc[r], sizeof o_); for (long l = 0; l < w; l++) c[(i + r) * ldc + l] = o_[l]; } \
+    } \
+}
+SMALLK_ROWS(8)
+SMALLK_ROWS(1)
+
+static TANDEM_AVX512 void gemm_tn_smallk_wide(float *restrict c, const float *restrict a, const float *restrict b, long m, long n,
+                                              long k, long lda, long ldb, long ldc) {
+    f16 bv[16];
+    for (long j = 0; j < n; j += 16) {
+        const long w = lmin(16, n - j);
+        for (long p = 0; p < k; p++) {
+            if (w == 16) { __builtin_memcpy(&bv[p], b + p * ldb + j, sizeof(f16)); continue; }
+            float lanes[16] = {0};
+            for (long l = 0; l < w; l++) lanes[l] = b[p * ldb + j + l];
+            __builtin_memcpy(&bv[p], lanes, sizeof(f16));
+        }
+        long i = 0;
+        for (; i + 8 <= m; i += 8) smallk_rows_8(c + j, a, bv, i, k, lda, ldc, w);
+        for (; i < m; i++) smallk_rows_1(c + j, a, bv, i, k, lda, ldc, w);
+    }
+}
+#endif
+
+int tandem_gemm_tn_smallk_f32(float *restrict c, const float *restrict a, const float *restrict b, long m, long n, long k, long lda,
+                              long ldb, long ldc) {
+#if TANDEM_WIDE
+    if (k >= 1 && k <= 16 && tandem_wide_kernels_available()) {
+        gemm_tn_smallk_wide(c, a, b, m, n, k, lda, ldb, ldc);
+        return 1;
+    }
+#endif
+    (void)c; (void)a; (void)b; (void)m; (void)n; (void)k; (void)lda; (void)ldb; (void)ldc;
+    return 0;
+}
+
 void tandem_cv_transposed_weights_f32(float *restrict wt, const float *restrict w, long outC, TandemConvShape s) {
     const long G = cv_groups(s), outGroup = outC / G, KK = s.kH * s.kW, Kt = outGroup * KK, OCp = tandem_cv_channels(s.inGroup);
     for (long g = 0; g < G; g++)

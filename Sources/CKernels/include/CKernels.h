@@ -145,6 +145,12 @@ static inline void tandem_cpu_relax(void) {
 /// built then also take a convolution's input gradient as a convolution of dy where it fits.
 int tandem_wide_kernels_available(void);
 
+/// C[m][n] = A^T B for A stored k x m (row stride lda) and B k x n (ldb), k <= 16, with the 16-wide
+/// tiles: returns 1, or 0 (nothing written) where they are not available or k is out of range. Each
+/// output sums its k products in order, fused; for a convolution's input gradient with at most 16
+/// output channels per group (LeNet-5's conv2), where OpenBLAS's Haswell kernels are slow at k = 16.
+int tandem_gemm_tn_smallk_f32(float *c, const float *a, const float *b, long m, long n, long k, long lda, long ldb, long ldc);
+
 /// Whether the convolution kernels use their 16-wide tiles (by default where available; they give the
 /// same bits as the 8-wide ones): sets it, returns what it now is. For tests.
 int tandem_cv_set_wide(int on);

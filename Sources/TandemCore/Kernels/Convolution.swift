@@ -289,9 +289,16 @@ public func convBackward<T: Scalar>(
                        beta: 1, c: dWeight + g * cg * s.k, ldc: s.k)
             }
             if let dx {
-                T.gemm(transA: true, transB: false, m: s.k, n: cols1, k: cg,
-                       alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: tmp, ldb: cols1,
-                       beta: 0, c: dcol, ldc: cols1)
+                // At most 16 output channels per group (LeNet-5's conv2: k = 16) on a CPU with AVX-512,
+                // the C kernel's 16-wide tiles (OpenBLAS's AVX2 kernels pack and stream for a product
+                // this thin); otherwise OpenBLAS.
+                if !(T.self == Float.self
+                     && tandem_gemm_tn_smallk_f32(floats(dcol), floats(weight + g * cg * s.k), floats(tmp), s.k, cols1, cg, s.k,
+                                                  cols1, cols1) != 0) {
+                    T.gemm(transA: true, transB: false, m: s.k, n: cols1, k: cg,
+                           alpha: 1, a: weight + g * cg * s.k, lda: s.k, b: tmp, ldb: cols1,
+                           beta: 0, c: dcol, ldc: cols1)
+                }
                 col2im(dx + s0 * s.inC * s.inPlane, dcol, group: g, n: cs, s)
             }
         }
