@@ -287,28 +287,29 @@ typedef float f16 __attribute__((ext_vector_type(16)));
 // OB output channels of one output row chunk (8 columns) at a time, the accumulators in registers.
 // Always inlined, also in debug builds: inlined into the AVX2 clone it multiplies and adds in one
 // rounding (FMA), as the 16-wide blocks do.
-#define DIRECT_BLOCK(OB) \
-static inline __attribute__((always_inline)) void direct_block_##OB(float *y, const float *xp, const float *w, const float *bias, long oc, \
+#define DIRECT_BLOCK_OF(NAME, VT, LANES, LOAD, ATTR, OB) \
+static inline __attribute__((always_inline)) ATTR void NAME##_##OB(float *y, const float *xp, const float *w, const float *bias, long oc, \
                                      long oh, long chunk, TandemConvShape s, long Hp, long Wp, int relu) { \
     const long K = s.inC * s.kH * s.kW, plane = s.outH * s.outW; \
-    f8 acc[OB]; \
-    for (int o = 0; o < (OB); o++) acc[o] = (f8)(bias ? bias[oc + o] : 0.0f); \
+    VT acc[OB]; \
+    for (int o = 0; o < (OB); o++) acc[o] = (VT)(bias ? bias[oc + o] : 0.0f); \
     for (long c = 0; c < s.inC; c++) \
         for (long ki = 0; ki < s.kH; ki++) { \
             const float *row = xp + (c * Hp + oh + ki) * Wp + chunk; \
             const float *wr = w + oc * K + (c * s.kH + ki) * s.kW; \
             for (long kj = 0; kj < s.kW; kj++) { \
-                const f8 xv = load_f8(row + kj); \
+                const VT xv = LOAD(row + kj); \
                 for (int o = 0; o < (OB); o++) acc[o] += wr[o * K + kj] * xv; \
             } \
         } \
     for (int o = 0; o < (OB); o++) { \
-        if (relu) acc[o] = __builtin_elementwise_max(acc[o], (f8)0.0f); \
+        if (relu) acc[o] = __builtin_elementwise_max(acc[o], (VT)0.0f); \
         float *dst = y + (oc + o) * plane + oh * s.outW + chunk; \
-        if (chunk + 8 <= s.outW) __builtin_memcpy(dst, &acc[o], sizeof(f8)); \
+        if (chunk + (LANES) <= s.outW) __builtin_memcpy(dst, &acc[o], sizeof(VT)); \
         else for (long l = 0; l < s.outW - chunk; l++) dst[l] = acc[o][l]; \
     } \
 }
+#define DIRECT_BLOCK(OB) DIRECT_BLOCK_OF(direct_block, f8, 8, load_f8, , OB)
 DIRECT_BLOCK(8)
 DIRECT_BLOCK(7)
 DIRECT_BLOCK(6)
@@ -320,29 +321,25 @@ DIRECT_BLOCK(1)
 
 // The same 16 columns at a time with the AVX-512 tiles: each output sums the same products in the same
 // order, so the bits are the 8-column blocks'.
-#if TANDEM_WIDE
-#define DIRECT_BLOCK_WIDE(OB) \
-static inline __attribute__((always_inline)) TANDEM_AVX512 void direct_block_wide_##OB(float *y, const float *xp, const float *w, \
-                                     const float *bias, long oc, long oh, long chunk, TandemConvShape s, long Hp, long Wp, int relu) { \
-    const long K = s.inC * s.kH * s.kW, plane = s.outH * s.outW; \
-    f16 acc[OB]; \
-    for (int o = 0; o < (OB); o++) acc[o] = (f16)(bias ? bias[oc + o] : 0.0f); \
-    for (long c = 0; c < s.inC; c++) \
-        for (long ki = 0; ki < s.kH; ki++) { \
-            const float *row = xp + (c * Hp + oh + ki) * Wp + chunk; \
-            const float *wr = w + oc * K + (c * s.kH + ki) * s.kW; \
-            for (long kj = 0; kj < s.kW; kj++) { \
-                const f16 xv = load_f16(row + kj); \
-                for (int o = 0; o < (OB); o++) acc[o] += wr[o * K + kj] * xv; \
-            } \
-        } \
-    for (int o = 0; o < (OB); o++) { \
-        if (relu) acc[o] = __builtin_elementwise_max(acc[o], (f16)0.0f); \
-        float *dst = y + (oc + o) * plane + oh * s.outW + chunk; \
-        if (chunk + 16 <= s.outW) __builtin_memcpy(dst, &acc[o], sizeof(f16)); \
-        else for (long l = 0; l < s.outW - chunk; l++) dst[l] = acc[o][l]; \
+// All outC output channels of one output row chunk through the blocks BLOCK_8 .. BLOCK_1: eight at a
+// time, then the rest in one block (LeNet-5's 6 in one).
+#define DIRECT_CHANNELS(BLOCK) do { \
+    long oc = 0; \
+    for (; oc + 8 <= outC; oc += 8) BLOCK##_8(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); \
+    switch (outC - oc) { \
+    case 7: BLOCK##_7(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break; \
+    case 6: BLOCK##_6(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break; \
+    case 5: BLOCK##_5(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break; \
+    case 4: BLOCK##_4(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break; \
+    case 3: BLOCK##_3(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break; \
+    case 2: BLOCK##_2(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break; \
+    case 1: BLOCK##_1(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break; \
+    default: break; \
     } \
-}
+} while (0)
+
+#if TANDEM_WIDE
+#define DIRECT_BLOCK_WIDE(OB) DIRECT_BLOCK_OF(direct_block_wide, f16, 16, load_f16, TANDEM_AVX512, OB)
 DIRECT_BLOCK_WIDE(8)
 DIRECT_BLOCK_WIDE(7)
 DIRECT_BLOCK_WIDE(6)
@@ -356,18 +353,7 @@ DIRECT_BLOCK_WIDE(1)
 // last 8 columns the narrow blocks take when 16 do not fit), all output channels.
 static TANDEM_AVX512 void direct_chunk_wide(float *yb, const float *xb, const float *w, const float *bias, long outC, long oh,
                                             long chunk, TandemConvShape s, long Hp, long Wp, int relu) {
-    long oc = 0;
-    for (; oc + 8 <= outC; oc += 8) direct_block_wide_8(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu);
-    switch (outC - oc) {
-    case 7: direct_block_wide_7(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-    case 6: direct_block_wide_6(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-    case 5: direct_block_wide_5(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-    case 4: direct_block_wide_4(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-    case 3: direct_block_wide_3(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-    case 2: direct_block_wide_2(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-    case 1: direct_block_wide_1(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-    default: break;
-    }
+    DIRECT_CHANNELS(direct_block_wide);
 }
 #endif
 
@@ -394,19 +380,7 @@ void tandem_direct_conv_forward_f32(float *restrict y, float *restrict xp, const
 #if TANDEM_WIDE
                 if (wide && chunk + 16 <= row) { direct_chunk_wide(yb, xb, w, bias, outC, oh, chunk, s, Hp, Wp, relu); chunk += 8; continue; }
 #endif
-                // Eight output channels at a time, then the rest in one block (LeNet-5's 6 in one).
-                long oc = 0;
-                for (; oc + 8 <= outC; oc += 8) direct_block_8(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu);
-                switch (outC - oc) {
-                case 7: direct_block_7(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-                case 6: direct_block_6(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-                case 5: direct_block_5(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-                case 4: direct_block_4(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-                case 3: direct_block_3(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-                case 2: direct_block_2(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-                case 1: direct_block_1(yb, xb, w, bias, oc, oh, chunk, s, Hp, Wp, relu); break;
-                default: break;
-                }
+                DIRECT_CHANNELS(direct_block);
             }
     }
 }
@@ -575,68 +549,43 @@ static void cv_tables(int32_t *off, int32_t *pos, TandemConvShape s) {
 }
 
 // V vectors of output channels (8 V from cb) x NP output positions (from p0; `count` of them stored).
-#define CV_FORWARD_TILE(V, NP) \
-static inline __attribute__((always_inline)) void cv_forward_##V##_##NP(float *y, const float *xb, const float *wt, const float *bias, const int32_t *off, \
+// NAME_V_NP: vectors of type VT (LANES floats, loaded by LOAD), compiled with the attributes ATTR.
+#define CV_FORWARD_TILE_OF(NAME, VT, LANES, LOAD, ATTR, V, NP) \
+static inline __attribute__((always_inline)) ATTR void NAME##_##V##_##NP(float *y, const float *xb, const float *wt, const float *bias, const int32_t *off, \
                                          const int32_t *pos, long p0, long count, long K, long OCp, long cb, long outC, long plane, \
                                          int relu) { \
-    f8 acc[NP][V]; \
+    VT acc[NP][V]; \
     const float *xj[NP]; \
     for (int j = 0; j < (NP); j++) xj[j] = xb + pos[p0 + j]; \
-    for (int v = 0; v < (V); v++) { const f8 b_ = load_f8(bias + cb + 8 * v); for (int j = 0; j < (NP); j++) acc[j][v] = b_; } \
+    for (int v = 0; v < (V); v++) { const VT b_ = LOAD(bias + cb + (LANES) * v); for (int j = 0; j < (NP); j++) acc[j][v] = b_; } \
     for (long k = 0; k < K; k++) { \
         const float *wk = wt + k * OCp + cb; \
         const long o = off[k]; \
-        f8 w_[V]; \
-        for (int v = 0; v < (V); v++) w_[v] = load_f8(wk + 8 * v); \
+        VT w_[V]; \
+        for (int v = 0; v < (V); v++) w_[v] = LOAD(wk + (LANES) * v); \
         for (int j = 0; j < (NP); j++) { \
-            const f8 x_ = (f8)(xj[j][o]); \
+            const VT x_ = (VT)(xj[j][o]); \
             for (int v = 0; v < (V); v++) acc[j][v] += w_[v] * x_; \
         } \
     } \
     if (relu) \
         for (int j = 0; j < (NP); j++) \
-            for (int v = 0; v < (V); v++) acc[j][v] = __builtin_elementwise_max(acc[j][v], (f8)0.0f); \
-    float out[NP][8 * (V)]; \
+            for (int v = 0; v < (V); v++) acc[j][v] = __builtin_elementwise_max(acc[j][v], (VT)0.0f); \
+    float out[NP][(LANES) * (V)]; \
     __builtin_memcpy(out, acc, sizeof out); \
-    for (long l = 0; l < 8 * (V) && cb + l < outC; l++) { \
+    for (long l = 0; l < (LANES) * (V) && cb + l < outC; l++) { \
         float *dst = y + (cb + l) * plane + p0; \
         for (long j = 0; j < count; j++) dst[j] = out[j][l]; \
     } \
 }
+#define CV_FORWARD_TILE(V, NP) CV_FORWARD_TILE_OF(cv_forward, f8, 8, load_f8, , V, NP)
 CV_FORWARD_TILE(2, 6)
 CV_FORWARD_TILE(1, 7)
 
 // The same tiles 16 channels wide, for AVX-512 (32 registers): each output lane sums the same
 // products in the same order as the 8-wide tiles, so both give the same bits.
 #if TANDEM_WIDE
-#define CV_FORWARD_WIDE_TILE(V, NP) \
-static inline __attribute__((always_inline)) TANDEM_AVX512 void cv_forward_wide_##V##_##NP(float *y, const float *xb, const float *wt, \
-                                         const float *bias, const int32_t *off, const int32_t *pos, long p0, long count, long K, long OCp, \
-                                         long cb, long outC, long plane, int relu) { \
-    f16 acc[NP][V]; \
-    const float *xj[NP]; \
-    for (int j = 0; j < (NP); j++) xj[j] = xb + pos[p0 + j]; \
-    for (int v = 0; v < (V); v++) { const f16 b_ = load_f16(bias + cb + 16 * v); for (int j = 0; j < (NP); j++) acc[j][v] = b_; } \
-    for (long k = 0; k < K; k++) { \
-        const float *wk = wt + k * OCp + cb; \
-        const long o = off[k]; \
-        f16 w_[V]; \
-        for (int v = 0; v < (V); v++) w_[v] = load_f16(wk + 16 * v); \
-        for (int j = 0; j < (NP); j++) { \
-            const f16 x_ = (f16)(xj[j][o]); \
-            for (int v = 0; v < (V); v++) acc[j][v] += w_[v] * x_; \
-        } \
-    } \
-    if (relu) \
-        for (int j = 0; j < (NP); j++) \
-            for (int v = 0; v < (V); v++) acc[j][v] = __builtin_elementwise_max(acc[j][v], (f16)0.0f); \
-    float out[NP][16 * (V)]; \
-    __builtin_memcpy(out, acc, sizeof out); \
-    for (long l = 0; l < 16 * (V) && cb + l < outC; l++) { \
-        float *dst = y + (cb + l) * plane + p0; \
-        for (long j = 0; j < count; j++) dst[j] = out[j][l]; \
-    } \
-}
+#define CV_FORWARD_WIDE_TILE(V, NP) CV_FORWARD_TILE_OF(cv_forward_wide, f16, 16, load_f16, TANDEM_AVX512, V, NP)
 CV_FORWARD_WIDE_TILE(2, 7)
 CV_FORWARD_WIDE_TILE(1, 10)
 
@@ -736,52 +685,33 @@ void tandem_cv_forward_f32(float *restrict y, float *restrict xp, const float *r
 
 // The weight-gradient sums of taps k0..<k0+NT for output channels cb..<cb + 8 V over one sample:
 // acc[k][oc] += sum over positions p of dyT[p][oc] * xb[pos[p] + off[k]].
-#define CV_GRAD_TILE(V, NT) \
-static inline __attribute__((always_inline)) void cv_grad_##V##_##NT(float *acc, const float *xb, const float *dyT, const int32_t *off, const int32_t *pos, \
+#define CV_GRAD_TILE_OF(NAME, VT, LANES, LOAD, ATTR, V, NT) \
+static inline __attribute__((always_inline)) ATTR void NAME##_##V##_##NT(float *acc, const float *xb, const float *dyT, const int32_t *off, const int32_t *pos, \
                                       long P, long k0, long OCp, long cb) { \
-    f8 a[NT][V]; \
+    VT a[NT][V]; \
     long o[NT]; \
     for (int t = 0; t < (NT); t++) { \
         o[t] = off[k0 + t]; \
-        for (int v = 0; v < (V); v++) a[t][v] = load_f8(acc + (k0 + t) * OCp + cb + 8 * v); \
+        for (int v = 0; v < (V); v++) a[t][v] = LOAD(acc + (k0 + t) * OCp + cb + (LANES) * v); \
     } \
     for (long p = 0; p < P; p++) { \
         const float *xq = xb + pos[p]; \
-        f8 d[V]; \
-        for (int v = 0; v < (V); v++) d[v] = load_f8(dyT + p * OCp + cb + 8 * v); \
+        VT d[V]; \
+        for (int v = 0; v < (V); v++) d[v] = LOAD(dyT + p * OCp + cb + (LANES) * v); \
         for (int t = 0; t < (NT); t++) { \
-            const f8 x_ = (f8)(xq[o[t]]); \
+            const VT x_ = (VT)(xq[o[t]]); \
             for (int v = 0; v < (V); v++) a[t][v] += d[v] * x_; \
         } \
     } \
     for (int t = 0; t < (NT); t++) \
-        for (int v = 0; v < (V); v++) __builtin_memcpy(acc + (k0 + t) * OCp + cb + 8 * v, &a[t][v], sizeof(f8)); \
+        for (int v = 0; v < (V); v++) __builtin_memcpy(acc + (k0 + t) * OCp + cb + (LANES) * v, &a[t][v], sizeof(VT)); \
 }
+#define CV_GRAD_TILE(V, NT) CV_GRAD_TILE_OF(cv_grad, f8, 8, load_f8, , V, NT)
 CV_GRAD_TILE(2, 6)
 CV_GRAD_TILE(1, 12)
 
 #if TANDEM_WIDE
-#define CV_GRAD_WIDE_TILE(V, NT) \
-static inline __attribute__((always_inline)) TANDEM_AVX512 void cv_grad_wide_##V##_##NT(float *acc, const float *xb, const float *dyT, \
-                                      const int32_t *off, const int32_t *pos, long P, long k0, long OCp, long cb) { \
-    f16 a[NT][V]; \
-    long o[NT]; \
-    for (int t = 0; t < (NT); t++) { \
-        o[t] = off[k0 + t]; \
-        for (int v = 0; v < (V); v++) a[t][v] = load_f16(acc + (k0 + t) * OCp + cb + 16 * v); \
-    } \
-    for (long p = 0; p < P; p++) { \
-        const float *xq = xb + pos[p]; \
-        f16 d[V]; \
-        for (int v = 0; v < (V); v++) d[v] = load_f16(dyT + p * OCp + cb + 16 * v); \
-        for (int t = 0; t < (NT); t++) { \
-            const f16 x_ = (f16)(xq[o[t]]); \
-            for (int v = 0; v < (V); v++) a[t][v] += d[v] * x_; \
-        } \
-    } \
-    for (int t = 0; t < (NT); t++) \
-        for (int v = 0; v < (V); v++) __builtin_memcpy(acc + (k0 + t) * OCp + cb + 16 * v, &a[t][v], sizeof(f16)); \
-}
+#define CV_GRAD_WIDE_TILE(V, NT) CV_GRAD_TILE_OF(cv_grad_wide, f16, 16, load_f16, TANDEM_AVX512, V, NT)
 CV_GRAD_WIDE_TILE(2, 6)
 CV_GRAD_WIDE_TILE(1, 12)
 

@@ -48,6 +48,17 @@ private func worstTensorError<T: Scalar>(_ a: [T], _ b: [T], _ infos: [Parameter
     return worst
 }
 
+/// One Float32 training step against the Float64 step of the same network: every gradient tensor within
+/// 1e-4 of its largest value, the outputs within 1e-5.
+private func expectFloatStepMatchesDouble(_ input: Shape, _ layers: [LayerSpec], sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let graph = try Graph(input: input, layers: layers)
+    let f = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
+    let d = try trainOnce(Double.self, input: input, layers, batch: 3, parts: 1)
+    let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)
+    #expect(g.error <= 1e-4, "gradient of \(g.tensor) differs by \(g.error)", sourceLocation: sourceLocation)
+    #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ", sourceLocation: sourceLocation)
+}
+
 /// max |a - b| / max(max |a|, tiny) over the whole array.
 private func worstArrayError<T: Scalar>(_ a: [T], _ b: [T]) -> Double {
     guard a.count == b.count else { return .infinity }
@@ -533,12 +544,7 @@ private let dagLayers: [LayerSpec] = [
         let input = Shape(channels, 12, 19)
         let layers = [conv("c", outChannels, k: kernel, p: pad, bias: bias), layer("r", .relu),
                       layer("f", .flatten), layer("fc", .linear(outFeatures: 10, bias: true))]
-        let graph = try Graph(input: input, layers: layers)
-        let f = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
-        let d = try trainOnce(Double.self, input: input, layers, batch: 3, parts: 1)
-        let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)
-        #expect(g.error <= 1e-4, "gradient of \(g.tensor) differs by \(g.error)")
-        #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
+        try expectFloatStepMatchesDouble(input, layers)
     }
 
     /// The channel-vectorised direct convolution (stride 1, at least 8 output channels per group), as
@@ -557,15 +563,10 @@ private let dagLayers: [LayerSpec] = [
         let tested = conv("c", outChannels, k: kernel, p: pad, groups: groups, bias: bias)
         let layers = (first ? [] : [conv("pre", channels, k: 1, bias: false)])
             + [tested, layer("r", .relu), layer("f", .flatten), layer("fc", .linear(outFeatures: 10, bias: true))]
-        let graph = try Graph(input: input, layers: layers)
         let geometry = ConvGeometry(input: input, outChannels: outChannels,
                                     window: Window(kernelH: kernel, kernelW: kernel, padH: pad, padW: pad), groups: groups)
         #expect(geometry.allowsChannelDirect)
-        let f = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
-        let d = try trainOnce(Double.self, input: input, layers, batch: 3, parts: 1)
-        let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)
-        #expect(g.error <= 1e-4, "gradient of \(g.tensor) differs by \(g.error)")
-        #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
+        try expectFloatStepMatchesDouble(input, layers)
     }
 
     /// The input gradient as a convolution of dy (on CPUs with AVX-512; elsewhere these run GEMM +
@@ -581,12 +582,7 @@ private let dagLayers: [LayerSpec] = [
         let geometry = ConvGeometry(input: input, outChannels: outChannels,
                                     window: Window(kernelH: kernelH, kernelW: kernelW, padH: pad, padW: pad), groups: groups)
         #expect(geometry.inputGradientAsConvolution != nil)
-        let graph = try Graph(input: input, layers: layers)
-        let f = try trainOnce(Float.self, input: input, layers, batch: 3, parts: 1)
-        let d = try trainOnce(Double.self, input: input, layers, batch: 3, parts: 1)
-        let g = worstTensorError(d.gradients.map { Float($0) }, f.gradients, graph.parameters)
-        #expect(g.error <= 1e-4, "gradient of \(g.tensor) differs by \(g.error)")
-        #expect(worstArrayError(d.output.map { Float($0) }, f.output) <= 1e-5, "outputs differ")
+        try expectFloatStepMatchesDouble(input, layers)
     }
 
     /// On a CPU with AVX-512 the convolutions run 16-wide tiles (the channel-vectorised one blocks of 32
