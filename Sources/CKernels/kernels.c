@@ -319,8 +319,6 @@ DIRECT_BLOCK(3)
 DIRECT_BLOCK(2)
 DIRECT_BLOCK(1)
 
-// The same 16 columns at a time with the AVX-512 tiles: each output sums the same products in the same
-// order, so the bits are the 8-column blocks'.
 // All outC output channels of one output row chunk through the blocks BLOCK_8 .. BLOCK_1: eight at a
 // time, then the rest in one block (LeNet-5's 6 in one).
 #define DIRECT_CHANNELS(BLOCK) do { \
@@ -339,6 +337,8 @@ DIRECT_BLOCK(1)
 } while (0)
 
 #if TANDEM_WIDE
+// The same 16 columns at a time with the AVX-512 tiles: each output sums the same products in the same
+// order, so the bits are the 8-column blocks'.
 #define DIRECT_BLOCK_WIDE(OB) DIRECT_BLOCK_OF(direct_block_wide, f16, 16, load_f16, TANDEM_AVX512, OB)
 DIRECT_BLOCK_WIDE(8)
 DIRECT_BLOCK_WIDE(7)
