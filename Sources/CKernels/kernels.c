@@ -915,15 +915,29 @@ void tandem_sgd_f32(float *restrict w, const float *restrict g, float *restrict 
     }
 }
 
+// Max pooling backward: dx = 0 but dy at each output's maximum (summed where windows overlap). With y,
+// the pool's output, it also applies the ReLU whose output the pool reads (MaxPoolLayer.masksReLU):
+// y[o] is the ReLU output at o's maximum, so y[o] > 0 exactly where that ReLU passes its gradient.
 TANDEM_CLONES
 void tandem_maxpool_backward_f32(float *restrict dx, const float *restrict dy, const int32_t *restrict argmax,
-                                 long planes, long inPlane, long outPlane) {
+                                 const float *restrict y, long planes, long inPlane, long outPlane) {
     for (long p = 0; p < planes; p++) {
         float *d = dx + p * inPlane;
         const float *g = dy + p * outPlane;
         const int32_t *a = argmax + p * outPlane;
         for (long i = 0; i < inPlane; i++) d[i] = 0;
-        for (long o = 0; o < outPlane; o++) d[a[o]] += g[o];
+        if (y) {
+            const float *v = y + p * outPlane;
+            for (long o = 0; o < outPlane; o++) {
+                // A select by mask: as a branch it mispredicts (the ReLU's sign is unpredictable).
+                uint32_t gb; __builtin_memcpy(&gb, &g[o], sizeof gb);
+                gb &= -(uint32_t)(v[o] > 0);
+                float gv; __builtin_memcpy(&gv, &gb, sizeof gv);
+                d[a[o]] += gv;
+            }
+        } else {
+            for (long o = 0; o < outPlane; o++) d[a[o]] += g[o];
+        }
     }
 }
 

@@ -497,6 +497,35 @@ private let dagLayers: [LayerSpec] = [
     }
 }
 
+/// A ReLU that only a max pool reads is applied by the pool in backward (fused into a convolution or
+/// not, windows apart or overlapping); a ReLU read by something else is not. The step is the unfused
+/// one: against a leaky ReLU of slope 0 (never fused), in Double to 1e-12 and in Float value for value.
+@Test func reluIsAppliedByTheMaxPoolThatAloneReadsIt() throws {
+    let input = Shape(2, 12, 11)
+    func layers(_ activation: LayerKind) -> [LayerSpec] {
+        [conv("c1", 8, k: 3, p: 1), layer("r1", activation), layer("p1", .maxPool(Window(kernelH: 2, kernelW: 2, strideH: 2, strideW: 2))),
+         conv("c2", 8, k: 3, p: 1, bias: false), layer("bn", .batchNorm(eps: 1e-5, momentum: 0.1)), layer("r2", activation),
+         layer("p2", .maxPool(Window(kernelH: 3, kernelW: 3, strideH: 2, strideW: 2, padH: 1, padW: 1))),
+         layer("r3", activation), layer("p3", .maxPool(Window(kernelH: 3, kernelW: 3, strideH: 1, strideW: 1, padH: 1, padW: 1))),
+         layer("sum", .add, inputs: ["p3", "r3"]), layer("f", .flatten), layer("fc", .linear(outFeatures: 3, bias: true))]
+    }
+    let graph = try Graph(input: input, layers: layers(.relu))
+    let net = Network<Double>(graph: graph, capacity: 4)
+    #expect(Set(net.pooledReLUs.map { graph.nodes[$0].name }) == ["r1", "r2"], "r3 is also read by the add")
+    #expect(Network<Double>(graph: try Graph(input: input, layers: layers(.leakyRelu(alpha: 0))), capacity: 4).pooledReLUs.isEmpty)
+    for parts in [1, 2] {
+        let pooled = try trainOnce(Double.self, input: input, layers(.relu), batch: 4, parts: parts)
+        let plain = try trainOnce(Double.self, input: input, layers(.leakyRelu(alpha: 0)), batch: 4, parts: parts)
+        #expect(abs(pooled.loss - plain.loss) <= 1e-12 * abs(plain.loss))
+        #expect(worstArrayError(plain.gradients, pooled.gradients) <= 1e-12)
+        let f = try trainOnce(Float.self, input: input, layers(.relu), batch: 4, parts: parts)
+        let g = try trainOnce(Float.self, input: input, layers(.leakyRelu(alpha: 0)), batch: 4, parts: parts)
+        let differing = zip(f.gradients, g.gradients).filter { $0 != $1 }.count
+        #expect(differing == 0, "\(parts) part(s): \(differing) of \(g.gradients.count) Float gradients differ")
+        #expect(f.gradients.contains { $0 != 0 })
+    }
+}
+
 // MARK: - Float kernels in a network
 
 /// The Float step (C kernels: direct first convolution, LRN, pooling, im2col/col2im) against the Double

@@ -94,8 +94,10 @@ void tandem_bn_input_gradient_f32(float *dx, const float *dy, const float *xhat,
 /// v = momentum * v + g, w -= lr * (nesterov ? g + momentum * v : v).
 void tandem_sgd_f32(float *w, const float *g, float *v, long count, float lr, float momentum, int nesterov, float l2, float l1);
 
-/// Max pooling backward: dx (planes x inPlane) zeroed, then each output gradient added at its argmax.
-void tandem_maxpool_backward_f32(float *dx, const float *dy, const int32_t *argmax, long planes, long inPlane, long outPlane);
+/// Max pooling backward: dx (planes x inPlane) zeroed, then each output gradient added at its argmax; with
+/// y (the pool's output, or NULL), only where y > 0 (the ReLU before the pool, applied here).
+void tandem_maxpool_backward_f32(float *dx, const float *dy, const int32_t *argmax, const float *y, long planes, long inPlane,
+                                 long outPlane);
 
 /// 1 when every p[i] is finite (no NaN, no Inf), else 0. Branch-free: x * 0 is NaN exactly when x is.
 int tandem_all_finite_f32(const float *p, long count);

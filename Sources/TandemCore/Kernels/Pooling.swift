@@ -120,13 +120,16 @@ func maxPool2x2Row4(_ d: UnsafeMutablePointer<Float>, _ g: UnsafeMutablePointer<
     return ow
 }
 
-/// Max pooling backward: writes dx, routing each output gradient to its maximum.
+/// Max pooling backward: writes dx, routing each output gradient to its maximum. With `relu` (the pool's
+/// output y), it also applies the ReLU whose output the pool reads: the gradient passes only where
+/// y > 0, which is where that ReLU's input was positive (see MaxPoolLayer).
 @_specialize(where T == Float)
 @_specialize(where T == Double)
-public func maxPoolBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dy: UnsafePointer<T>, argmax: UnsafePointer<Int32>, n: Int, _ s: PoolGeometry) {
+public func maxPoolBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dy: UnsafePointer<T>, argmax: UnsafePointer<Int32>, n: Int, _ s: PoolGeometry,
+                                       relu y: UnsafePointer<T>? = nil) {
     if T.self == Float.self {
         // Plane by plane, so each plane is zeroed and filled while it is in cache.
-        tandem_maxpool_backward_f32(floats(dx), floats(dy), argmax, n * s.channels, s.inPlane, s.outPlane)
+        tandem_maxpool_backward_f32(floats(dx), floats(dy), argmax, y.map(floats), n * s.channels, s.inPlane, s.outPlane)
         return
     }
     dx.update(repeating: 0, count: n * s.channels * s.inPlane)
@@ -134,7 +137,12 @@ public func maxPoolBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dy: Unsa
         let d = dx + p * s.inPlane
         let g = dy + p * s.outPlane
         let arg = argmax + p * s.outPlane
-        for o in 0..<s.outPlane { d[Int(arg[o])] += g[o] }
+        if let y {
+            let v = y + p * s.outPlane
+            for o in 0..<s.outPlane { d[Int(arg[o])] += v[o] > 0 ? g[o] : 0 }
+        } else {
+            for o in 0..<s.outPlane { d[Int(arg[o])] += g[o] }
+        }
     }
 }
 

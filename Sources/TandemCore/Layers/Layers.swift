@@ -129,6 +129,9 @@ final class ConvolutionLayer<T: Scalar>: Layer<T> {
 final class MaxPoolLayer<T: Scalar>: Layer<T> {
     let g: PoolGeometry
     var argmax: UnsafeMutablePointer<Int32>!
+    /// The ReLU before this pool, which only this pool reads, is applied here in backward: dx is that
+    /// ReLU's dx, and the gradient passes where the pool's output is positive (see Network).
+    var masksReLU = false
 
     init(node: Node, capacity: Int, geometry: PoolGeometry) {
         g = geometry
@@ -138,7 +141,7 @@ final class MaxPoolLayer<T: Scalar>: Layer<T> {
     override func forward(_ c: PassContext) { maxPoolForward(y0(c), argmax: argmax, x0(c), n: c.count, g) }
     override func backward(_ c: PassContext) {
         guard let d = dx0(c) else { return }
-        maxPoolBackward(d, dy0(c), argmax: argmax, n: c.count, g)
+        maxPoolBackward(d, dy0(c), argmax: argmax, n: c.count, g, relu: masksReLU ? UnsafePointer(y0(c)) : nil)
     }
 }
 
@@ -172,6 +175,8 @@ final class ActivationLayer<T: Scalar>: Layer<T> {
     /// A ReLU fused into the convolution before it: the two share their buffers, the convolution
     /// applied it, and backward masks the gradient in place (x > 0 exactly where ReLU(x) > 0).
     var fused = false
+    /// A ReLU that only a max pool reads leaves its backward to the pool (MaxPoolLayer.masksReLU).
+    var backwardInPool = false
     init(node: Node, capacity: Int, function: Activation) {
         self.function = function
         super.init(node: node, capacity: capacity)
@@ -181,7 +186,7 @@ final class ActivationLayer<T: Scalar>: Layer<T> {
         activationForward(y0(c), x0(c), count: c.count * inShape.count, function)
     }
     override func backward(_ c: PassContext) {
-        guard let d = dx0(c) else { return }
+        guard !backwardInPool, let d = dx0(c) else { return }
         activationBackward(d, dy0(c), x: x0(c), y: y0(c), count: c.count * inShape.count, function)
     }
 }

@@ -57,6 +57,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// ReLU nodes that the convolution before them applies as it writes its output (they share its
     /// buffers; their forward does nothing).
     public let fusedReLUs: Set<Int>
+    /// ReLUs (node indices) whose backward the max pool that alone reads them does (MaxPoolLayer.masksReLU).
+    public let pooledReLUs: Set<Int>
     /// Integer labels of the local batch.
     public let labels: UnsafeMutablePointer<Int32>
     /// The run's seed (keys dropout masks) and the global index of local sample 0.
@@ -145,6 +147,13 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         }
         activations = acts
         fusedReLUs = fused
+        // A ReLU that only a max pool reads leaves its backward to the pool, which writes the ReLU's input
+        // gradient in the same pass (LeNet-5's pools: 0.13 ms of ReLU backward per step of 2.2 ms, 1 thread).
+        pooledReLUs = Set(graph.nodes.filter { node in
+            guard case .relu? = node.kind, graph.consumers[node.index].count == 1, case .maxPool? = graph.nodes[graph.consumers[node.index][0]].kind
+            else { return false }
+            return true
+        }.map(\.index))
         activationGradients = grads
         var edges: [[UnsafeMutablePointer<T>]] = Array(repeating: [], count: graph.nodes.count)
         for node in graph.nodes where graph.consumers[node.index].count > 1 && grads[node.index] != nil {
@@ -188,9 +197,15 @@ public final class Network<T: Scalar>: @unchecked Sendable {
                 }
                 let sr = node.statisticsRange
                 if !sr.isEmpty { layer.stats = statistics.baseAddress! + graph.statistics[sr.lowerBound].offset }
-                layer.bound()
                 row.append(layer)
             }
+            for r in pooledReLUs {
+                guard let relu = row[r - 1] as? ActivationLayer<T>, let pool = row[graph.consumers[r][0] - 1] as? MaxPoolLayer<T> else { continue }
+                pool.dx = relu.dx
+                pool.masksReLU = true
+                relu.backwardInPool = true
+            }
+            for layer in row { layer.bound() }
             layers.append(row)
         }
         pool.setBody { [unowned self] part in self.runPart(part) }
