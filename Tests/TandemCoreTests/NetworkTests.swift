@@ -659,5 +659,21 @@ private let dagLayers: [LayerSpec] = [
                 && wide.gradients.map(\.bitPattern) == narrow.gradients.map(\.bitPattern)
             #expect(same, "\(shape): the bits differ")
         }
+        // col2im in registers for rows of at most 16 (GEMM + col2im input gradients: LeNet-5's conv2; few
+        // output channels; groups; 16 columns; batches that are not a multiple of its four samples).
+        for (input, outChannels, kernel, pad, groups, batch) in [
+            (Shape(6, 14, 14), 16, 5, 0, 1, 5), (Shape(3, 9, 16), 8, 3, 1, 1, 3), (Shape(4, 7, 13), 16, 5, 2, 2, 6),
+            (Shape(5, 10, 11), 4, 3, 2, 1, 4), (Shape(2, 6, 1), 8, 3, 1, 1, 7),
+        ] {
+            let layers = [conv("pre", input.channels, k: 1, bias: false), conv("c", outChannels, k: kernel, p: pad, groups: groups, bias: true),
+                          layer("r", .relu), layer("f", .flatten), layer("fc", .linear(outFeatures: 10, bias: true))]
+            #expect(tandem_cv_set_wide(1) == 1)
+            let wide = try trainOnce(Float.self, input: input, layers, batch: batch, parts: 1)
+            #expect(tandem_cv_set_wide(0) == 0)
+            let narrow = try trainOnce(Float.self, input: input, layers, batch: batch, parts: 1)
+            let same = wide.output.map(\.bitPattern) == narrow.output.map(\.bitPattern)
+                && wide.gradients.map(\.bitPattern) == narrow.gradients.map(\.bitPattern)
+            #expect(same, "col2im \(input) -> \(outChannels), \(kernel)x\(kernel) pad \(pad), groups \(groups), batch \(batch): the bits differ")
+        }
     }
 }
