@@ -269,8 +269,9 @@ long tandem_direct_row(long outW) { return (outW + 7) / 8 * 8; }
 
 static inline float plane_sum(const float *p, long m);   // with the batch-norm kernels below
 
+#define DIRECT_GRAD_OB 3   // output channels per block of the weight gradient, at most
 long tandem_direct_grad_scratch(long outC, TandemConvShape s) {
-    return outC * s.inC * s.kH * s.kW * 8 + s.outH * tandem_direct_row(s.outW);
+    return outC * s.inC * s.kH * s.kW * 8 + DIRECT_GRAD_OB * s.outH * tandem_direct_row(s.outW);
 }
 
 long tandem_direct_padded_count(long n, TandemConvShape s) {
@@ -428,23 +429,74 @@ void tandem_direct_conv_forward_f32(float *restrict y, float *restrict xp, const
     }
 }
 
-// The kW vector sums of one (oc, c, ki) over one sample's plane: sum[kj] += dy[oh, ow] * xp[oh + ki, ow + kj],
-// eight columns at a time from dyp, the plane's dy copied into rows of W8 (a multiple of 8) with zeros
-// past outW, so no chunk needs a tail. With KW known at compile time the sums stay in registers.
-#define WEIGHT_SUMS_BODY(KW) \
-    f8 sum[8]; \
-    for (long kj = 0; kj < (KW); kj++) sum[kj] = load_f8(a + kj * 8); \
+// The kW vector sums of OB output channels' (oc, c, ki) over one sample's plane: sum[o][kj] += dy[oc + o, oh, ow] *
+// xp[c, oh + ki, ow + kj], eight columns at a time from dyp, the planes' dy copied into rows of W8 (a multiple
+// of 8) with zeros past outW, so no chunk needs a tail. With KW known at compile time the sums stay in
+// registers; the OB channels share each load of xp and give OB x KW independent sums (one channel's KW
+// sums alone wait on the FMA latency). Each sum adds over oh, then the chunks, in order, at any OB.
+#define WEIGHT_SUMS_BODY(KW, OB) { \
+    f8 sum[OB][8]; \
+    for (int o = 0; o < (OB); o++) for (long kj = 0; kj < (KW); kj++) sum[o][kj] = load_f8(a + o * aStride + kj * 8); \
     for (long oh = 0; oh < outH; oh++) { \
         const float *row = rows + oh * Wp, *g = dyp + oh * W8; \
         for (long chunk = 0; chunk < W8; chunk += 8) { \
-            const f8 gv = load_f8(g + chunk); \
-            for (long kj = 0; kj < (KW); kj++) sum[kj] += gv * load_f8(row + chunk + kj); \
+            f8 gv[OB]; \
+            for (int o = 0; o < (OB); o++) gv[o] = load_f8(g + o * dStride + chunk); \
+            for (long kj = 0; kj < (KW); kj++) { \
+                const f8 xv = load_f8(row + chunk + kj); \
+                for (int o = 0; o < (OB); o++) sum[o][kj] += gv[o] * xv; \
+            } \
         } \
     } \
-    for (long kj = 0; kj < (KW); kj++) __builtin_memcpy(a + kj * 8, &sum[kj], sizeof(f8));
-static inline void weight_sums_3(float *a, const float *rows, const float *dyp, long outH, long W8, long Wp) { WEIGHT_SUMS_BODY(3) }
-static inline void weight_sums_5(float *a, const float *rows, const float *dyp, long outH, long W8, long Wp) { WEIGHT_SUMS_BODY(5) }
-static inline void weight_sums_any(float *a, const float *rows, const float *dyp, long outH, long W8, long Wp, long kW) { WEIGHT_SUMS_BODY(kW) }
+    for (int o = 0; o < (OB); o++) for (long kj = 0; kj < (KW); kj++) __builtin_memcpy(a + o * aStride + kj * 8, &sum[o][kj], sizeof(f8)); \
+}
+#define WEIGHT_SUMS_OF(NAME, ATTR, OB) \
+static inline __attribute__((always_inline)) ATTR void NAME##_##OB(float *a, long aStride, const float *rows, const float *dyp, long dStride, \
+                                                                 long outH, long W8, long Wp, long kW) { \
+    switch (kW) { \
+    case 3: WEIGHT_SUMS_BODY(3, OB) break; \
+    case 5: WEIGHT_SUMS_BODY(5, OB) break; \
+    default: WEIGHT_SUMS_BODY(kW, OB) break; \
+    } \
+}
+WEIGHT_SUMS_OF(weight_sums, , 2)
+WEIGHT_SUMS_OF(weight_sums, , 1)
+
+// One sample's sums for all output channels, OBMAX at a time (the last block takes the rest).
+#define WEIGHT_GRAD_SAMPLE(SUMS, OBMAX) do { \
+    for (long oc = 0; oc < outC;) { \
+        const long ob = lmin(OBMAX, outC - oc); \
+        for (long o = 0; o < ob; o++) { \
+            const float *src = dy + (b * outC + oc + o) * outPlane; \
+            for (long oh = 0; oh < s.outH; oh++) \
+                for (long ow = 0; ow < s.outW; ow++) dyp[o * dStride + oh * W8 + ow] = src[oh * s.outW + ow]; \
+        } \
+        for (long c = 0; c < s.inC; c++) \
+            for (long ki = 0; ki < s.kH; ki++) { \
+                float *a = acc + (oc * K + (c * s.kH + ki) * s.kW) * 8; \
+                const float *rows = xb + (c * Hp + ki) * Wp; \
+                switch (ob) { \
+                case 3: SUMS##_3(a, K * 8, rows, dyp, dStride, s.outH, W8, Wp, s.kW); break; \
+                case 2: SUMS##_2(a, K * 8, rows, dyp, dStride, s.outH, W8, Wp, s.kW); break; \
+                default: SUMS##_1(a, K * 8, rows, dyp, dStride, s.outH, W8, Wp, s.kW); break; \
+                } \
+            } \
+        oc += ob; \
+    } \
+} while (0)
+#define weight_sums_3(...) ((void)0)   // OBMAX 2: no blocks of 3
+
+#if TANDEM_WIDE
+// With 32 registers, three channels' sums (15 for 5 taps) in the same 8-float vectors: the same bits.
+WEIGHT_SUMS_OF(weight_sums_wide, TANDEM_AVX512, 3)
+WEIGHT_SUMS_OF(weight_sums_wide, TANDEM_AVX512, 2)
+WEIGHT_SUMS_OF(weight_sums_wide, TANDEM_AVX512, 1)
+static TANDEM_AVX512 void direct_weight_grad_sample_wide(float *acc, float *dyp, const float *dy, const float *xb, long b, long outC,
+                                                         TandemConvShape s, long Hp, long Wp, long W8, long K, long outPlane,
+                                                         long dStride) {
+    WEIGHT_GRAD_SAMPLE(weight_sums_wide, 3);
+}
+#endif
 
 // dw[oc, c, ki, kj] = sum over samples and output positions of dy[oc, oh, ow] * xp[c, oh + ki, ow + kj]:
 // per sample (its dy and padded input stay in L1), each (oc, c, ki) keeps kW vector sums in registers
@@ -454,27 +506,18 @@ void tandem_direct_conv_weight_grad_f32(float *restrict dw, float *restrict db, 
                                         const float *restrict xp, long n, long outC, TandemConvShape s) {
     const long Hp = s.outH + s.kH - 1, Wp = tandem_direct_row(s.outW) + s.kW - 1, outPlane = s.outH * s.outW;
     const long K = s.inC * s.kH * s.kW;
-    const long W8 = tandem_direct_row(s.outW);
+    const long W8 = tandem_direct_row(s.outW), dStride = s.outH * W8;
     float *dyp = acc + outC * K * 8;
+    const int wide = tandem_cv_wide();
+    (void)wide;
     for (long i = 0; i < outC * K * 8; i++) acc[i] = 0;
-    for (long i = 0; i < s.outH * W8; i++) dyp[i] = 0;
+    for (long i = 0; i < DIRECT_GRAD_OB * dStride; i++) dyp[i] = 0;
     for (long b = 0; b < n; b++) {
         const float *xb = xp + b * s.inC * Hp * Wp;
-        for (long oc = 0; oc < outC; oc++) {
-            const float *src = dy + (b * outC + oc) * outPlane;
-            for (long oh = 0; oh < s.outH; oh++)
-                for (long ow = 0; ow < s.outW; ow++) dyp[oh * W8 + ow] = src[oh * s.outW + ow];
-            for (long c = 0; c < s.inC; c++)
-                for (long ki = 0; ki < s.kH; ki++) {
-                    float *a = acc + (oc * K + (c * s.kH + ki) * s.kW) * 8;
-                    const float *rows = xb + (c * Hp + ki) * Wp;
-                    switch (s.kW) {
-                    case 3: weight_sums_3(a, rows, dyp, s.outH, W8, Wp); break;
-                    case 5: weight_sums_5(a, rows, dyp, s.outH, W8, Wp); break;
-                    default: weight_sums_any(a, rows, dyp, s.outH, W8, Wp, s.kW); break;
-                    }
-                }
-        }
+#if TANDEM_WIDE
+        if (wide) { direct_weight_grad_sample_wide(acc, dyp, dy, xb, b, outC, s, Hp, Wp, W8, K, outPlane, dStride); continue; }
+#endif
+        WEIGHT_GRAD_SAMPLE(weight_sums, 2);
     }
     for (long i = 0; i < outC * K; i++) {
         float t = 0;
