@@ -294,32 +294,38 @@ typedef float f16 __attribute__((ext_vector_type(16)));
 #define TANDEM_WIDE 0
 #endif
 
-// OB output channels of one output row chunk (8 columns) at a time, the accumulators in registers.
-// Always inlined, also in debug builds: inlined into the AVX2 clone it multiplies and adds in one
-// rounding (FMA), as the 16-wide blocks do.
-#define DIRECT_BLOCK_OF(NAME, VT, LANES, LOAD, ATTR, OB) \
+// OB output channels of NR output rows' chunk (8 columns) at a time, the accumulators in registers; the
+// rows share each weight load and give NR x OB independent sums. Each output sums over c, ki, kj in
+// that order at any NR. Always inlined, also in debug builds: inlined into the AVX2 clone it
+// multiplies and adds in one rounding (FMA), as the 16-wide blocks do.
+#define DIRECT_BLOCK_OF(NAME, VT, LANES, LOAD, ATTR, OB, NR) \
 static inline __attribute__((always_inline)) ATTR void NAME##_##OB(float *y, const float *xp, const float *w, const float *bias, long oc, \
                                      long oh, long chunk, TandemConvShape s, long Hp, long Wp, int relu) { \
     const long K = s.inC * s.kH * s.kW, plane = s.outH * s.outW; \
-    VT acc[OB]; \
-    for (int o = 0; o < (OB); o++) acc[o] = (VT)(bias ? bias[oc + o] : 0.0f); \
+    VT acc[NR][OB]; \
+    for (int r = 0; r < (NR); r++) for (int o = 0; o < (OB); o++) acc[r][o] = (VT)(bias ? bias[oc + o] : 0.0f); \
     for (long c = 0; c < s.inC; c++) \
         for (long ki = 0; ki < s.kH; ki++) { \
             const float *row = xp + (c * Hp + oh + ki) * Wp + chunk; \
             const float *wr = w + oc * K + (c * s.kH + ki) * s.kW; \
             for (long kj = 0; kj < s.kW; kj++) { \
-                const VT xv = LOAD(row + kj); \
-                for (int o = 0; o < (OB); o++) acc[o] += wr[o * K + kj] * xv; \
+                VT xv[NR]; \
+                for (int r = 0; r < (NR); r++) xv[r] = LOAD(row + r * Wp + kj); \
+                for (int o = 0; o < (OB); o++) { \
+                    const float wv = wr[o * K + kj]; \
+                    for (int r = 0; r < (NR); r++) acc[r][o] += wv * xv[r]; \
+                } \
             } \
         } \
-    for (int o = 0; o < (OB); o++) { \
-        if (relu) acc[o] = __builtin_elementwise_max(acc[o], (VT)0.0f); \
-        float *dst = y + (oc + o) * plane + oh * s.outW + chunk; \
-        if (chunk + (LANES) <= s.outW) __builtin_memcpy(dst, &acc[o], sizeof(VT)); \
-        else for (long l = 0; l < s.outW - chunk; l++) dst[l] = acc[o][l]; \
-    } \
+    for (int r = 0; r < (NR); r++) \
+        for (int o = 0; o < (OB); o++) { \
+            if (relu) acc[r][o] = __builtin_elementwise_max(acc[r][o], (VT)0.0f); \
+            float *dst = y + (oc + o) * plane + (oh + r) * s.outW + chunk; \
+            if (chunk + (LANES) <= s.outW) __builtin_memcpy(dst, &acc[r][o], sizeof(VT)); \
+            else for (long l = 0; l < s.outW - chunk; l++) dst[l] = acc[r][o][l]; \
+        } \
 }
-#define DIRECT_BLOCK(OB) DIRECT_BLOCK_OF(direct_block, f8, 8, load_f8, , OB)
+#define DIRECT_BLOCK(OB) DIRECT_BLOCK_OF(direct_block, f8, 8, load_f8, , OB, 1)
 DIRECT_BLOCK(8)
 DIRECT_BLOCK(7)
 DIRECT_BLOCK(6)
@@ -349,7 +355,7 @@ DIRECT_BLOCK(1)
 #if TANDEM_WIDE
 // The same 16 columns at a time with the AVX-512 tiles: each output sums the same products in the same
 // order, so the bits are the 8-column blocks'.
-#define DIRECT_BLOCK_WIDE(OB) DIRECT_BLOCK_OF(direct_block_wide, f16, 16, load_f16, TANDEM_AVX512, OB)
+#define DIRECT_BLOCK_WIDE(OB) DIRECT_BLOCK_OF(direct_block_wide, f16, 16, load_f16, TANDEM_AVX512, OB, 1)
 DIRECT_BLOCK_WIDE(8)
 DIRECT_BLOCK_WIDE(7)
 DIRECT_BLOCK_WIDE(6)
@@ -358,12 +364,26 @@ DIRECT_BLOCK_WIDE(4)
 DIRECT_BLOCK_WIDE(3)
 DIRECT_BLOCK_WIDE(2)
 DIRECT_BLOCK_WIDE(1)
+// Two rows at a time with 32 registers (up to 16 sums; LeNet-5's conv1: 12 instead of 6).
+#define DIRECT_BLOCK_WIDE2(OB) DIRECT_BLOCK_OF(direct_block_wide2, f16, 16, load_f16, TANDEM_AVX512, OB, 2)
+DIRECT_BLOCK_WIDE2(8)
+DIRECT_BLOCK_WIDE2(7)
+DIRECT_BLOCK_WIDE2(6)
+DIRECT_BLOCK_WIDE2(5)
+DIRECT_BLOCK_WIDE2(4)
+DIRECT_BLOCK_WIDE2(3)
+DIRECT_BLOCK_WIDE2(2)
+DIRECT_BLOCK_WIDE2(1)
 
 // One output row's chunk of 16 columns (within the padded row of tandem_direct_row(outW) columns, whose
 // last 8 columns the narrow blocks take when 16 do not fit), all output channels.
 static TANDEM_AVX512 void direct_chunk_wide(float *yb, const float *xb, const float *w, const float *bias, long outC, long oh,
                                             long chunk, TandemConvShape s, long Hp, long Wp, int relu) {
     DIRECT_CHANNELS(direct_block_wide);
+}
+static TANDEM_AVX512 void direct_chunk_wide2(float *yb, const float *xb, const float *w, const float *bias, long outC, long oh,
+                                             long chunk, TandemConvShape s, long Hp, long Wp, int relu) {
+    DIRECT_CHANNELS(direct_block_wide2);
 }
 
 // col2im at stride 1 for rows of at most 16 (LeNet-5's conv2: 14), each input gradient row of four
@@ -419,13 +439,28 @@ void tandem_direct_conv_forward_f32(float *restrict y, float *restrict xp, const
                 for (long iw = 0; iw < s.inW; iw++) dst[iw] = src[iw];
             }
         float *yb = y + b * outC * outPlane;
-        for (long oh = 0; oh < s.outH; oh++)
+        for (long oh = 0; oh < s.outH;) {
+            // With the wide blocks rows go in pairs (an odd last row alone).
+            long nr = 1;
+#if TANDEM_WIDE
+            if (wide && oh + 1 < s.outH) nr = 2;
+#endif
             for (long chunk = 0; chunk < s.outW; chunk += 8) {
 #if TANDEM_WIDE
-                if (wide && chunk + 16 <= row) { direct_chunk_wide(yb, xb, w, bias, outC, oh, chunk, s, Hp, Wp, relu); chunk += 8; continue; }
+                if (wide && chunk + 16 <= row) {
+                    if (nr == 2) direct_chunk_wide2(yb, xb, w, bias, outC, oh, chunk, s, Hp, Wp, relu);
+                    else direct_chunk_wide(yb, xb, w, bias, outC, oh, chunk, s, Hp, Wp, relu);
+                    chunk += 8;
+                    continue;
+                }
 #endif
-                DIRECT_CHANNELS(direct_block);
+                for (long r = 0; r < nr; r++) {
+                    const long row_oh = oh + r;
+                    { const long oh = row_oh; DIRECT_CHANNELS(direct_block); }
+                }
             }
+            oh += nr;
+        }
     }
 }
 
