@@ -142,6 +142,64 @@ static inline void max_block_##W(float *d, int32_t *g, const float *src, long ow
 MAX_BLOCK(8, f8, i8)
 MAX_BLOCK(4, f4, i4)
 
+// W outputs of a 2x2 stride-2 pool at columns ow..ow+W-1 of one output row (input rows r0, r1; base: the
+// index of r0[0] in its plane, w1: the row length): pairwise maxima and the index of the first maximum
+// in reading order (strict comparisons keep the earlier element on ties, as PyTorch does).
+#define SHUFFLE_ODD_8(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15)
+#define SHUFFLE_EVEN_8(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14)
+#define SHUFFLE_ODD_4(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7)
+#define SHUFFLE_EVEN_4(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6)
+#define MAX2X2_BLOCK(W, fW, iW) \
+static inline void max2x2_##W(float *d, int32_t *g, const float *r0, const float *r1, long ow, int32_t base, int32_t w1) { \
+    fW t0, t1, u0, u1; \
+    __builtin_memcpy(&t0, r0 + 2 * ow, sizeof(fW)); __builtin_memcpy(&t1, r0 + 2 * ow + (W), sizeof(fW)); \
+    __builtin_memcpy(&u0, r1 + 2 * ow, sizeof(fW)); __builtin_memcpy(&u1, r1 + 2 * ow + (W), sizeof(fW)); \
+    const fW a = SHUFFLE_EVEN_##W(t0, t1), b = SHUFFLE_ODD_##W(t0, t1), c = SHUFFLE_EVEN_##W(u0, u1), e = SHUFFLE_ODD_##W(u0, u1); \
+    const iW bWins = b > a, eWins = e > c; \
+    const fW top = (fW)((bWins & (iW)b) | (~bWins & (iW)a)), bottom = (fW)((eWins & (iW)e) | (~eWins & (iW)c)); \
+    const iW lower = bottom > top; \
+    const fW m = (fW)((lower & (iW)bottom) | (~lower & (iW)top)); \
+    iW lane; for (int l = 0; l < (W); l++) lane[l] = 2 * l; \
+    const iW iTop = bWins & 1, iBottom = (iW)w1 + (eWins & 1); \
+    const iW index = (iW)(base + (int32_t)(2 * ow)) + lane + ((lower & iBottom) | (~lower & iTop)); \
+    __builtin_memcpy(d + ow, &m, sizeof(fW)); \
+    __builtin_memcpy(g + ow, &index, sizeof(iW)); \
+}
+MAX2X2_BLOCK(8, f8, i8)
+MAX2X2_BLOCK(4, f4, i4)
+
+// The 2x2 stride-2 unpadded pool (LeNet), the same values and indices as the general kernel: rows of
+// eight or four outputs at a time, the last block of a row overlapping the one before it (it writes
+// the same values again) rather than a scalar tail.
+TANDEM_CLONES
+void tandem_maxpool2x2_forward_f32(float *restrict y, int32_t *restrict argmax, const float *restrict x, long planes, long inH,
+                                   long inW, long outH, long outW) {
+    const long inPlane = inH * inW, outPlane = outH * outW;
+    const int32_t w1 = (int32_t)inW;
+    for (long p = 0; p < planes; p++) {
+        const float *src = x + p * inPlane;
+        for (long oh = 0; oh < outH; oh++) {
+            const float *r0 = src + 2 * oh * inW, *r1 = r0 + inW;
+            float *d = y + p * outPlane + oh * outW;
+            int32_t *g = argmax + p * outPlane + oh * outW;
+            const int32_t base = (int32_t)(2 * oh * inW);
+            if (outW >= 8) {
+                for (long ow = 0; ow < outW; ow += 8) max2x2_8(d, g, r0, r1, lmin(ow, outW - 8), base, w1);
+            } else if (outW >= 4) {
+                for (long ow = 0; ow < outW; ow += 4) max2x2_4(d, g, r0, r1, lmin(ow, outW - 4), base, w1);
+            } else {
+                for (long ow = 0; ow < outW; ow++) {
+                    const float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], e = r1[2 * ow + 1];
+                    const float top = b > a ? b : a, bottom = e > c ? e : c;
+                    const int lower = bottom > top;
+                    d[ow] = lower ? bottom : top;
+                    g[ow] = base + (int32_t)(2 * ow) + (lower ? (e > c ? w1 + 1 : w1) : (b > a ? 1 : 0));
+                }
+            }
+        }
+    }
+}
+
 // One output row at a time: the window's rows h0..h1-1 are the same for every column. Columns whose
 // window lies wholly inside the row (ow in [full0, full1)) run 8 or 4 at a time in vectors; the
 // border columns clip their windows.

@@ -1,9 +1,10 @@
-// The vectorised Float 2x2 max pool (four outputs at a time, plus a scalar tail) against the generic
-// path in Double: same maxima, same argmax, first maximum winning on ties (ReLU zeros).
+// The vectorised Float 2x2 max pool (eight or four outputs at a time, a row's last block overlapping
+// the one before, one at a time below four) against the scalar path in Double: same maxima, same
+// argmax, first maximum winning on ties (ReLU zeros). LeNet-5's pools: 28 and 10 columns.
 import Testing
 @testable import TandemCore
 
-@Test(arguments: [(16, 20), (6, 14), (2, 2), (8, 9)])
+@Test(arguments: [(16, 20), (6, 14), (2, 2), (8, 9), (28, 28), (11, 10), (4, 35), (3, 7)])
 func floatTwoByTwoPoolMatchesTheGenericPath(height: Int, width: Int) {
     let s = PoolGeometry(input: Shape(3, height, width), window: Window(kernelH: 2, kernelW: 2, strideH: 2, strideW: 2))
     let n = 2, count = n * 3 * height * width, out = n * 3 * s.outPlane

@@ -17,6 +17,9 @@ void tandem_lrn_backward_f32(float *dx, float *ratio, const float *dy, const flo
                              const float *scale, long n, long channels, long plane,
                              long before, long after, long groups, float factor, float beta);
 
+/// The 2x2 stride-2 unpadded max pool: the values and argmax indices of tandem_maxpool_forward_f32.
+void tandem_maxpool2x2_forward_f32(float *y, int32_t *argmax, const float *x, long planes, long inH, long inW, long outH, long outW);
+
 /// Max pooling forward for any window (overlapping, padded): y and the index in the input plane of
 /// the first maximum in reading order; padding never wins.
 void tandem_maxpool_forward_f32(float *y, int32_t *argmax, const float *x, long planes,

@@ -24,7 +24,11 @@ public struct PoolGeometry: Sendable {
 public func maxPoolForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<T>, n: Int, _ s: PoolGeometry) {
     let w = s.window
     if w.kernelH == 2 && w.kernelW == 2 && w.strideH == 2 && w.strideW == 2 && w.padH == 0 && w.padW == 0 {
-        maxPool2x2(y, argmax: argmax, x, planes: n * s.channels, s)
+        if T.self == Float.self {
+            tandem_maxpool2x2_forward_f32(floats(y), argmax, floats(x), n * s.channels, s.inH, s.inW, s.outH, s.outW)
+        } else {
+            maxPool2x2(y, argmax: argmax, x, planes: n * s.channels, s)
+        }
         return
     }
     if T.self == Float.self {
@@ -59,8 +63,8 @@ public func maxPoolForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: Unsa
     }
 }
 
-/// The common 2x2 stride-2 unpadded case (LeNet), two input rows at a time. In Float, four outputs
-/// at a time with SIMD (`maxPool2x2Row4`); the rest, and Double, one at a time.
+/// The common 2x2 stride-2 unpadded case (LeNet) in Double, two input rows at a time (Float: the C
+/// kernel, eight or four outputs at a time).
 @inline(__always)
 func maxPool2x2<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePointer<Int32>, _ x: UnsafePointer<T>, planes: Int, _ s: PoolGeometry) {
     let inW = s.inW, outW = s.outW
@@ -73,13 +77,7 @@ func maxPool2x2<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePo
             let r0 = src + 2 * oh * inW, r1 = r0 + inW
             let base = Int32(truncatingIfNeeded: 2 * oh * inW)
             let d = dst + oh * outW, g = arg + oh * outW
-            var ow = 0
-            if T.self == Float.self {
-                ow = maxPool2x2Row4(UnsafeMutableRawPointer(d).assumingMemoryBound(to: Float.self), g,
-                                    UnsafeRawPointer(r0).assumingMemoryBound(to: Float.self),
-                                    UnsafeRawPointer(r1).assumingMemoryBound(to: Float.self), base: base, width: w1, outW: outW)
-            }
-            while ow < outW {
+            for ow in 0..<outW {
                 let a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], e = r1[2 * ow + 1]
                 // Branch-free: pairwise maxima and the index of the first maximum in reading order
                 // (strict comparisons keep the earlier element on ties, as PyTorch does).
@@ -87,37 +85,9 @@ func maxPool2x2<T: Scalar>(_ y: UnsafeMutablePointer<T>, argmax: UnsafeMutablePo
                 let lower = bottom > top
                 d[ow] = lower ? bottom : top
                 g[ow] = base &+ Int32(truncatingIfNeeded: 2 * ow) &+ (lower ? (e > c ? w1 &+ 1 : w1) : (b > a ? 1 : 0))
-                ow += 1
             }
         }
     }
-}
-
-/// One output row of the Float 2x2 pool, four outputs at a time: 8 floats of each input row split
-/// into even and odd columns, pairwise maxima and the index of the first maximum by masks. Returns
-/// the first output column it left to the scalar loop.
-@inline(__always)
-func maxPool2x2Row4(_ d: UnsafeMutablePointer<Float>, _ g: UnsafeMutablePointer<Int32>, _ r0: UnsafePointer<Float>, _ r1: UnsafePointer<Float>,
-                    base: Int32, width w1: Int32, outW: Int) -> Int {
-    let lane = SIMD4<Int32>(0, 2, 4, 6)
-    var ow = 0
-    while ow + 4 <= outW {
-        let top8 = UnsafeRawPointer(r0 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
-        let bot8 = UnsafeRawPointer(r1 + 2 * ow).loadUnaligned(as: SIMD8<Float>.self)
-        let a = top8.evenHalf, b = top8.oddHalf, c = bot8.evenHalf, e = bot8.oddHalf
-        // Blends rather than pointwiseMax, whose NaN handling compiles lane by lane.
-        let bWins = b .> a, eWins = e .> c
-        let top = a.replacing(with: b, where: bWins), bottom = c.replacing(with: e, where: eWins)
-        let lower = bottom .> top
-        var index = SIMD4<Int32>(repeating: base &+ Int32(truncatingIfNeeded: 2 * ow)) &+ lane
-        let iTop = SIMD4<Int32>(repeating: 0).replacing(with: 1, where: bWins)
-        let iBottom = SIMD4<Int32>(repeating: w1).replacing(with: w1 &+ 1, where: eWins)
-        index &+= iTop.replacing(with: iBottom, where: lower)
-        UnsafeMutableRawPointer(d + ow).storeBytes(of: top.replacing(with: bottom, where: lower), as: SIMD4<Float>.self)
-        UnsafeMutableRawPointer(g + ow).storeBytes(of: index, as: SIMD4<Int32>.self)
-        ow += 4
-    }
-    return ow
 }
 
 /// Max pooling backward: writes dx, routing each output gradient to its maximum. With `relu` (the pool's
