@@ -1012,19 +1012,22 @@ void tandem_bn_squared_deviations_f32(double *restrict sums, const float *restri
 TANDEM_CLONES
 void tandem_bn_apply_f32(float *restrict y, float *restrict xhat, const float *restrict x, const double *restrict mean,
                          const double *restrict invStd, const float *restrict gamma, const float *restrict beta,
-                         long n, long channels, long plane) {
+                         long n, long channels, long plane, int relu) {
     for (long b = 0; b < n; b++)
         for (long c = 0; c < channels; c++) {
             const float m = (float)mean[c], s = (float)invStd[c], g = gamma[c], bt = beta[c];
             const long o = (b * channels + c) * plane;
             const float *xr = x + o;
             float *yr = y + o;
+            // With relu, the ReLU after the layer as ActivationLayer computes it (v > 0 ? v : 0).
             if (xhat) {
                 float *hr = xhat + o;
-                for (long i = 0; i < plane; i++) { float h = (xr[i] - m) * s; hr[i] = h; yr[i] = g * h + bt; }
+                if (relu) for (long i = 0; i < plane; i++) { float h = (xr[i] - m) * s; hr[i] = h; float v = g * h + bt; yr[i] = v > 0 ? v : 0.0f; }
+                else for (long i = 0; i < plane; i++) { float h = (xr[i] - m) * s; hr[i] = h; yr[i] = g * h + bt; }
             } else {
                 const float scale = g * s, shift = bt - g * m * s;
-                for (long i = 0; i < plane; i++) yr[i] = xr[i] * scale + shift;
+                if (relu) for (long i = 0; i < plane; i++) { float v = xr[i] * scale + shift; yr[i] = v > 0 ? v : 0.0f; }
+                else for (long i = 0; i < plane; i++) yr[i] = xr[i] * scale + shift;
             }
         }
 }

@@ -121,8 +121,10 @@ struct Bench: ParsableCommand {
                     let forward = trainer.net.fusedReLUs.contains(node.index)
                         ? padLeft("in " + graph.nodes[node.inputs[0]].name, 20)
                         : String(format: "%10.3f %9.2f", 1000 * f, flops / max(f, 1e-12) / 1e9)
-                    print(pad(node.name, 10) + " " + pad(node.kind!.typeName, 14) + " " + forward
-                          + String(format: " %10.3f %9.2f", 1000 * b, bflops / max(b, 1e-12) / 1e9))
+                    let backward = trainer.net.pooledReLUs.contains(node.index)
+                        ? " " + padLeft("in " + graph.nodes[graph.consumers[node.index][0]].name, 20)
+                        : String(format: " %10.3f %9.2f", 1000 * b, bflops / max(b, 1e-12) / 1e9)
+                    print(pad(node.name, 10) + " " + pad(node.kind!.typeName, 14) + " " + forward + backward)
                 }
             }
             if let json {

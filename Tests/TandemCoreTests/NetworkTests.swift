@@ -497,8 +497,8 @@ private let dagLayers: [LayerSpec] = [
     }
 }
 
-/// A ReLU that only a max pool reads is applied by the pool in backward (fused into a convolution or
-/// not, windows apart or overlapping); a ReLU read by something else is not. The step is the unfused
+/// A ReLU that only a max pool reads is applied by the pool in backward (fused into a convolution or a
+/// batch norm, windows apart or overlapping); a ReLU read by something else is not. The step is the unfused
 /// one: against a leaky ReLU of slope 0 (never fused), in Double to 1e-12 and in Float value for value.
 @Test func reluIsAppliedByTheMaxPoolThatAloneReadsIt() throws {
     let input = Shape(2, 12, 11)
@@ -512,6 +512,7 @@ private let dagLayers: [LayerSpec] = [
     let graph = try Graph(input: input, layers: layers(.relu))
     let net = Network<Double>(graph: graph, capacity: 4)
     #expect(Set(net.pooledReLUs.map { graph.nodes[$0].name }) == ["r1", "r2"], "r3 is also read by the add")
+    #expect(Set(net.fusedReLUs.map { graph.nodes[$0].name }) == ["r1", "r2"], "into c1 and into bn; p2 before r3 is a pool")
     #expect(Network<Double>(graph: try Graph(input: input, layers: layers(.leakyRelu(alpha: 0))), capacity: 4).pooledReLUs.isEmpty)
     for parts in [1, 2] {
         let pooled = try trainOnce(Double.self, input: input, layers(.relu), batch: 4, parts: parts)
@@ -524,6 +525,16 @@ private let dagLayers: [LayerSpec] = [
         #expect(differing == 0, "\(parts) part(s): \(differing) of \(g.gradients.count) Float gradients differ")
         #expect(f.gradients.contains { $0 != 0 })
     }
+    // Evaluation (batch norm on its running statistics, the ReLU fused into it) gives the unfused outputs.
+    func evaluate(_ activation: LayerKind) throws -> [Float] {
+        let net = Network<Float>(graph: try Graph(input: input, layers: layers(activation)), capacity: 4)
+        Initializer.initialize(net, scheme: .xavier, seed: 5)
+        var rng = SeededGenerator(seed: 6)
+        for i in 0..<(4 * input.count) { net.input[i] = Float(rng.uniform() * 2 - 1) }
+        net.forward(count: 4, training: false)
+        return Array(UnsafeBufferPointer(start: net.output, count: 4 * 3))
+    }
+    #expect(try evaluate(.relu) == evaluate(.leakyRelu(alpha: 0)))
 }
 
 // MARK: - Float kernels in a network

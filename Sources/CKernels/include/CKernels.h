@@ -86,7 +86,7 @@ void tandem_bn_sums_f32(double *sums, const float *x, long n, long channels, lon
 void tandem_bn_squared_deviations_f32(double *sums, const float *x, const double *mean, long n, long channels, long plane);
 /// y = gamma * (x - mean) * invStd + beta, xhat = (x - mean) * invStd (xhat may be null).
 void tandem_bn_apply_f32(float *y, float *xhat, const float *x, const double *mean, const double *invStd,
-                         const float *gamma, const float *beta, long n, long channels, long plane);
+                         const float *gamma, const float *beta, long n, long channels, long plane, int relu);
 /// sums[c] = sum of dy, sums[channels + c] = sum of dy * xhat over channel c.
 void tandem_bn_gradient_sums_f32(double *sums, const float *dy, const float *xhat, long n, long channels, long plane);
 /// dx = gamma * invStd * (dy - sums[c] / count - xhat * sums[channels + c] / count).

@@ -84,14 +84,16 @@ public func channelSquaredDeviations<T: Scalar>(_ sums: UnsafeMutablePointer<Dou
     }
 }
 
-/// y = gamma * (x - mean) * invStd + beta; also keeps xhat for backward (when non-nil).
+/// y = gamma * (x - mean) * invStd + beta, and with `relu` the ReLU of that (the ReLU after the layer,
+/// fused); also keeps xhat for backward (when non-nil).
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func batchNormApply<T: Scalar>(_ y: UnsafeMutablePointer<T>, xhat: UnsafeMutablePointer<T>?, _ x: UnsafePointer<T>,
                                       mean: UnsafePointer<Double>, invStd: UnsafePointer<Double>,
-                                      gamma: UnsafePointer<T>, beta: UnsafePointer<T>, n: Int, channels: Int, plane: Int) {
+                                      gamma: UnsafePointer<T>, beta: UnsafePointer<T>, n: Int, channels: Int, plane: Int, relu: Bool = false) {
     if T.self == Float.self {
-        tandem_bn_apply_f32(floats(y), xhat.map(floats), floats(x), mean, invStd, floats(gamma), floats(beta), n, channels, plane)
+        tandem_bn_apply_f32(floats(y), xhat.map(floats), floats(x), mean, invStd, floats(gamma), floats(beta), n, channels, plane,
+                            relu ? 1 : 0)
         return
     }
     for c in 0..<channels {
@@ -107,6 +109,7 @@ public func batchNormApply<T: Scalar>(_ y: UnsafeMutablePointer<T>, xhat: Unsafe
             } else {
                 for i in 0..<plane { yr[i] = xr[i] * scale + shift }
             }
+            if relu { for i in 0..<plane { let v = yr[i]; yr[i] = v > 0 ? v : 0 } }
         }
     }
 }

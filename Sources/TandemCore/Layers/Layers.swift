@@ -249,6 +249,8 @@ final class BatchNormLayer<T: Scalar>: Layer<T> {
     var sums: UnsafeMutablePointer<Double>!
     /// Values behind the batch statistics of the last training forward (all parts and ranks).
     var statisticsCount = 0
+    /// The ReLU that follows this layer is applied here, as the output is written (see Network).
+    var fusesReLU = false
 
     init(node: Node, capacity: Int, eps: Double, momentum: Double, reducer: StatisticsReducer?) {
         self.eps = eps
@@ -272,7 +274,8 @@ final class BatchNormLayer<T: Scalar>: Layer<T> {
                 mean[k] = Double(stats[k])
                 invStd[k] = 1 / (Double(stats[ch + k]) + eps).squareRoot()
             }
-            batchNormApply(y0(c), xhat: nil, x0(c), mean: mean, invStd: invStd, gamma: gamma, beta: beta, n: c.count, channels: ch, plane: plane)
+            batchNormApply(y0(c), xhat: nil, x0(c), mean: mean, invStd: invStd, gamma: gamma, beta: beta, n: c.count, channels: ch, plane: plane,
+                           relu: fusesReLU)
             return
         }
         // This part's sums S, and its squared deviations around its own mean (a second local pass,
@@ -311,7 +314,8 @@ final class BatchNormLayer<T: Scalar>: Layer<T> {
                 stats[ch + k] = T((1 - momentum) * Double(stats[ch + k]) + momentum * unbiased)
             }
         }
-        batchNormApply(y0(c), xhat: xhat, x0(c), mean: mean, invStd: invStd, gamma: gamma, beta: beta, n: c.count, channels: ch, plane: plane)
+        batchNormApply(y0(c), xhat: xhat, x0(c), mean: mean, invStd: invStd, gamma: gamma, beta: beta, n: c.count, channels: ch, plane: plane,
+                       relu: fusesReLU)
     }
 
     override func backward(_ c: PassContext) {

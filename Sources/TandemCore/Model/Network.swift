@@ -54,8 +54,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// Per node, the full-batch activation and its gradient; `activations[0]` is the input.
     public let activations: [UnsafeMutablePointer<T>]
     public let activationGradients: [UnsafeMutablePointer<T>?]
-    /// ReLU nodes that the convolution before them applies as it writes its output (they share its
-    /// buffers; their forward does nothing).
+    /// ReLU nodes that the convolution or batch norm before them applies as it writes its output (they
+    /// share its buffers; their forward does nothing).
     public let fusedReLUs: Set<Int>
     /// ReLUs (node indices) whose backward the max pool that alone reads them does (MaxPoolLayer.masksReLU).
     public let pooledReLUs: Set<Int>
@@ -126,13 +126,12 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         gradients = UnsafeMutableBufferPointer(start: external ?? alloc(T.self, graph.parameterCount, into: &owned), count: graph.parameterCount)
         statistics = UnsafeMutableBufferPointer(start: alloc(T.self, graph.statisticsCount, into: &owned), count: graph.statisticsCount)
         labels = alloc(Int32.self, capacity, into: &owned)
-        // A ReLU whose input is a convolution that nothing else reads is applied by the convolution as
-        // it writes its output (saving the ReLU's forward pass); the two nodes share their activation
-        // and gradient buffers, and the ReLU's backward masks the gradient in place.
+        // A ReLU whose input is a convolution or a batch norm that nothing else reads is applied by that
+        // layer as it writes its output (saving the ReLU's forward pass); the two nodes share their
+        // activation and gradient buffers, and the ReLU's backward masks the gradient in place.
         let fused = Set(graph.nodes.filter { node in
-            guard node.kind == .relu, let i = node.inputs.first, i > 0, graph.consumers[i] == [node.index],
-                  case .convolution? = graph.nodes[i].kind else { return false }
-            return true
+            guard node.kind == .relu, let i = node.inputs.first, i > 0, graph.consumers[i] == [node.index] else { return false }
+            switch graph.nodes[i].kind { case .convolution?, .batchNorm?: return true; default: return false }
         }.map(\.index))
         var acts: [UnsafeMutablePointer<T>] = []
         var grads: [UnsafeMutablePointer<T>?] = []
@@ -178,7 +177,10 @@ public final class Network<T: Scalar>: @unchecked Sendable {
             for node in graph.nodes.dropFirst() {
                 let layer: Layer<T> = makeLayer(node, capacity: partCapacity, reducer: reducer, exchange: exchange)
                 if fused.contains(node.index) { (layer as? ActivationLayer<T>)?.fused = true }
-                if let conv = layer as? ConvolutionLayer<T>, let r = graph.consumers[node.index].first, fused.contains(r) { conv.fusesReLU = true }
+                if let r = graph.consumers[node.index].first, fused.contains(r) {
+                    (layer as? ConvolutionLayer<T>)?.fusesReLU = true
+                    (layer as? BatchNormLayer<T>)?.fusesReLU = true
+                }
                 layer.x = node.inputs.map { acts[$0] }
                 layer.dx = node.inputs.map { input in
                     guard let g = grads[input] else { return nil }
