@@ -577,7 +577,9 @@ WEIGHT_SUMS_OF(weight_sums, , 1)
         oc += ob; \
     } \
 } while (0)
-#define weight_sums_3(...) ((void)0)   // OBMAX 2: no blocks of 3
+// The narrow path's blocks are at most 2 (16 registers): a block of 3 there would be a bug.
+#define weight_sums_3(...) __builtin_trap()
+_Static_assert(DIRECT_GRAD_OB >= 3, "tandem_direct_grad_scratch holds DIRECT_GRAD_OB dy planes, the wide blocks' 3");
 
 #if TANDEM_WIDE
 // With 32 registers, three channels' sums (15 for 5 taps) in the same 8-float vectors: the same bits.

@@ -181,3 +181,55 @@ func floatSGDMatchesTheGenericPath(nesterov: Bool, l2: Double, l1: Double) {
         }
     }
 }
+
+/// The max pool's backward with the ReLU before it (the ReLU's output y as mask) gives the bits of the
+/// ReLU's backward after the pool's, in Float (the C kernel) and Double: windows apart and overlapping,
+/// gradients with NaN, infinities and signed zeros, ReLU outputs with many exact zeros.
+@Test(arguments: [(2, 2, 0), (3, 2, 1), (2, 1, 0)])
+func pooledReLUBackwardGivesTheBitsOfReLUThenPool(kernel: Int, stride: Int, pad: Int) {
+    let w = Window(kernelH: kernel, kernelW: kernel, strideH: stride, strideW: stride, padH: pad, padW: pad)
+    let s = PoolGeometry(input: Shape(3, 9, 10), window: w)
+    let n = 2, count = n * 3 * 90, out = n * 3 * s.outPlane
+    func check<T: Scalar>(_: T.Type) -> Bool {
+        // The ReLU's output (its input is positive exactly where it is) and the pool's output gradient.
+        let x = values(count, seed: 21, zeros: true).map { T(max($0, 0)) }
+        var dy = values(out, seed: 22, zeros: true).map { T($0) }
+        for (i, v) in [T.nan, T.infinity, -T.infinity, -T(0.0)].enumerated() { dy[5 * i + 1] = v }
+        var y = [T](repeating: 0, count: out), argmax = [Int32](repeating: 0, count: out)
+        maxPoolForward(&y, argmax: &argmax, x, n: n, s)
+        var fused = [T](repeating: .nan, count: count), pooled = [T](repeating: .nan, count: count), plain = [T](repeating: .nan, count: count)
+        maxPoolBackward(&fused, dy, argmax: argmax, n: n, s, relu: y)
+        maxPoolBackward(&pooled, dy, argmax: argmax, n: n, s)
+        activationBackward(&plain, pooled, x: x, y: x, count: count, .relu)
+        return zip(fused, plain).allSatisfy { a, b in a.isNaN ? b.isNaN : (a == b && a.sign == b.sign) }
+    }
+    #expect(check(Float.self), "Float, \(kernel)x\(kernel) stride \(stride) pad \(pad)")
+    #expect(check(Double.self), "Double, \(kernel)x\(kernel) stride \(stride) pad \(pad)")
+}
+
+/// Batch norm's apply with the ReLU fused gives the bits of apply then ReLU, in Float and Double, with
+/// and without xhat.
+@Test func batchNormApplyWithReLUGivesTheBitsOfApplyThenReLU() {
+    let n = 3, channels = 4, plane = 37, count = n * channels * plane
+    func check<T: Scalar>(_: T.Type, keepXhat: Bool) -> Bool {
+        let x = values(count, seed: 23, zeros: false).map { T($0) }
+        let mean: [Double] = [0.1, -0.3, 0.0, 0.7], invStd: [Double] = [1.5, 0.8, 2.0, 1.1]
+        let gamma: [T] = [1, -0.5, 0.25, 2], beta: [T] = [0, 0.3, -0.2, -0.1]
+        var h1 = [T](repeating: 0, count: count), h2 = [T](repeating: 0, count: count)
+        var fused = [T](repeating: .nan, count: count), y = [T](repeating: .nan, count: count), plain = [T](repeating: .nan, count: count)
+        h1.withUnsafeMutableBufferPointer { h in
+            batchNormApply(&fused, xhat: keepXhat ? h.baseAddress : nil, x, mean: mean, invStd: invStd, gamma: gamma, beta: beta,
+                           n: n, channels: channels, plane: plane, relu: true)
+        }
+        h2.withUnsafeMutableBufferPointer { h in
+            batchNormApply(&y, xhat: keepXhat ? h.baseAddress : nil, x, mean: mean, invStd: invStd, gamma: gamma, beta: beta,
+                           n: n, channels: channels, plane: plane)
+        }
+        activationForward(&plain, y, count: count, .relu)
+        return fused.map { Double($0).bitPattern } == plain.map { Double($0).bitPattern } && h1 == h2 && fused.contains { $0 == 0 }
+    }
+    for keep in [false, true] {
+        #expect(check(Float.self, keepXhat: keep), "Float, xhat \(keep)")
+        #expect(check(Double.self, keepXhat: keep), "Double, xhat \(keep)")
+    }
+}

@@ -498,7 +498,7 @@ private let dagLayers: [LayerSpec] = [
 }
 
 /// A ReLU that only a max pool reads is applied by the pool in backward (fused into a convolution or a
-/// batch norm, windows apart or overlapping); a ReLU read by something else is not. The step is the unfused
+/// batch norm, or after an add, windows apart or overlapping); a ReLU read by something else is not. The step is the unfused
 /// one: against a leaky ReLU of slope 0 (never fused), in Double to 1e-12 and in Float value for value.
 @Test func reluIsAppliedByTheMaxPoolThatAloneReadsIt() throws {
     let input = Shape(2, 12, 11)
@@ -507,12 +507,15 @@ private let dagLayers: [LayerSpec] = [
          conv("c2", 8, k: 3, p: 1, bias: false), layer("bn", .batchNorm(eps: 1e-5, momentum: 0.1)), layer("r2", activation),
          layer("p2", .maxPool(Window(kernelH: 3, kernelW: 3, strideH: 2, strideW: 2, padH: 1, padW: 1))),
          layer("r3", activation), layer("p3", .maxPool(Window(kernelH: 3, kernelW: 3, strideH: 1, strideW: 1, padH: 1, padW: 1))),
-         layer("sum", .add, inputs: ["p3", "r3"]), layer("f", .flatten), layer("fc", .linear(outFeatures: 3, bias: true))]
+         layer("sum", .add, inputs: ["p3", "r3"]), layer("r4", activation), layer("p4", .maxPool(Window(kernelH: 2, kernelW: 2, strideH: 1, strideW: 1))),
+         layer("f", .flatten), layer("fc", .linear(outFeatures: 3, bias: true))]
     }
     let graph = try Graph(input: input, layers: layers(.relu))
     let net = Network<Double>(graph: graph, capacity: 4)
-    #expect(Set(net.pooledReLUs.map { graph.nodes[$0].name }) == ["r1", "r2"], "r3 is also read by the add")
-    #expect(Set(net.fusedReLUs.map { graph.nodes[$0].name }) == ["r1", "r2"], "into c1 and into bn; p2 before r3 is a pool")
+    #expect(Set(net.pooledReLUs.map { graph.nodes[$0].name }) == ["r1", "r2", "r4"], "r3 is also read by the add")
+    #expect(Set(net.fusedReLUs.map { graph.nodes[$0].name }) == ["r1", "r2"], "into c1 and into bn; p2 before r3 is a pool, sum before r4 an add")
+    // r4 is applied by p4 alone: its output gradient is not computed (p4 writes the add's).
+    #expect(net.activationGradients[graph.nodes.first { $0.name == "r4" }!.index] == nil)
     #expect(Network<Double>(graph: try Graph(input: input, layers: layers(.leakyRelu(alpha: 0))), capacity: 4).pooledReLUs.isEmpty)
     for parts in [1, 2] {
         let pooled = try trainOnce(Double.self, input: input, layers(.relu), batch: 4, parts: parts)

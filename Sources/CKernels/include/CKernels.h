@@ -84,7 +84,8 @@ void tandem_cv_weight_grad_f32(float *dw, float *db, float *scratch, const float
 void tandem_bn_sums_f32(double *sums, const float *x, long n, long channels, long plane);
 /// sums[c] = sum of (x - mean[c])^2 over channel c.
 void tandem_bn_squared_deviations_f32(double *sums, const float *x, const double *mean, long n, long channels, long plane);
-/// y = gamma * (x - mean) * invStd + beta, xhat = (x - mean) * invStd (xhat may be null).
+/// y = gamma * (x - mean) * invStd + beta, xhat = (x - mean) * invStd (xhat may be null); with relu,
+/// y is the ReLU of that (v > 0 ? v : 0, the fused ReLU after the layer).
 void tandem_bn_apply_f32(float *y, float *xhat, const float *x, const double *mean, const double *invStd,
                          const float *gamma, const float *beta, long n, long channels, long plane, int relu);
 /// sums[c] = sum of dy, sums[channels + c] = sum of dy * xhat over channel c.

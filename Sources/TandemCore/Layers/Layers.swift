@@ -172,7 +172,7 @@ final class GlobalAvgPoolLayer<T: Scalar>: Layer<T> {
 
 final class ActivationLayer<T: Scalar>: Layer<T> {
     let function: Activation
-    /// A ReLU fused into the convolution before it: the two share their buffers, the convolution
+    /// A ReLU fused into the convolution or batch norm before it: the two share their buffers, that layer
     /// applied it, and backward masks the gradient in place (x > 0 exactly where ReLU(x) > 0).
     var fused = false
     /// A ReLU that only a max pool reads leaves its backward to the pool (MaxPoolLayer.masksReLU).

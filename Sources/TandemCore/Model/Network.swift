@@ -51,7 +51,9 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// What owns `gradients` when the network was given them (kept alive with the network).
     private let gradientsOwner: AnyObject?
     public let statistics: UnsafeMutableBufferPointer<T>
-    /// Per node, the full-batch activation and its gradient; `activations[0]` is the input.
+    /// Per node, the full-batch activation and its gradient (nil where none is computed: the input's
+    /// without an input gradient, an unfused ReLU whose backward its max pool does); `activations[0]`
+    /// is the input.
     public let activations: [UnsafeMutablePointer<T>]
     public let activationGradients: [UnsafeMutablePointer<T>?]
     /// ReLU nodes that the convolution or batch norm before them applies as it writes its output (they
@@ -148,12 +150,15 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         fusedReLUs = fused
         // A ReLU that only a max pool reads leaves its backward to the pool, which writes the ReLU's input
         // gradient in the same pass (LeNet-5's pools: 0.13 ms of ReLU backward per step of 2.2 ms, 1 thread).
-        pooledReLUs = Set(graph.nodes.filter { node in
+        let pooled = Set(graph.nodes.filter { node in
             guard case .relu? = node.kind, graph.consumers[node.index].count == 1, case .maxPool? = graph.nodes[graph.consumers[node.index][0]].kind
             else { return false }
             return true
         }.map(\.index))
-        activationGradients = grads
+        // Nothing writes the output gradient of such a ReLU unless it shares its convolution's or batch
+        // norm's buffer: diagnostics see it as not computed.
+        pooledReLUs = pooled
+        activationGradients = grads.indices.map { i in pooled.contains(i) && !fused.contains(i) ? nil : grads[i] }
         var edges: [[UnsafeMutablePointer<T>]] = Array(repeating: [], count: graph.nodes.count)
         for node in graph.nodes where graph.consumers[node.index].count > 1 && grads[node.index] != nil {
             edges[node.index] = graph.consumers[node.index].map { _ in alloc(T.self, capacity * node.outputShape.count, into: &owned) }
