@@ -107,6 +107,23 @@ typedef int32_t i8 __attribute__((ext_vector_type(8)));
 typedef float f4 __attribute__((ext_vector_type(4)));
 typedef int32_t i4 __attribute__((ext_vector_type(4)));
 
+// A statement expression, not a function: returning an 8-float vector from a function changes the ABI
+// in the builds without AVX.
+#define load_f8(p) ({ f8 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
+
+// 16-wide vectors for the AVX-512 tiles (tandem_cv_wide). Only where the 8-wide tiles run as an AVX2 +
+// FMA clone (Linux, clang): elsewhere they multiply and add in two roundings, and the 16-wide tiles,
+// which fuse them, would not give their bits.
+#if defined(__x86_64__) && defined(__linux__) && defined(__clang__)
+#define TANDEM_WIDE 1
+#include <immintrin.h>   // col2im_wide's masked loads
+#define TANDEM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+typedef float f16 __attribute__((ext_vector_type(16)));
+#define load_f16(p) ({ f16 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
+#else
+#define TANDEM_WIDE 0
+#endif
+
 // W window elements, one per output column ow..ow+W-1, at p[0], p[s], ..., p[(W-1)s]; reads nothing
 // outside p[0 ... (W-1)s]. Strides 1 and 2 by whole-vector loads and a shuffle.
 #define LOAD_STRIDED(W, fW, p, s, out) do { \
@@ -280,16 +297,14 @@ void tandem_im2col_f32(float *restrict col, const float *restrict x, long g, lon
     }
 }
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__clang__)
-#include <immintrin.h>
-static __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))) void col2im_wide(float *restrict, const float *restrict, long, long,
-                                                                                            TandemConvShape);
+#if TANDEM_WIDE
+static TANDEM_AVX512 void col2im_wide(float *restrict, const float *restrict, long, long, TandemConvShape);
 #endif
 
 TANDEM_CLONES
 void tandem_col2im_f32(float *restrict dx, const float *restrict dcol, long g, long n, TandemConvShape s) {
     const long outPlane = s.outH * s.outW, inPlane = s.inH * s.inW, cols = n * outPlane;
-#if defined(__x86_64__) && defined(__linux__) && defined(__clang__)
+#if TANDEM_WIDE
     if (s.sH == 1 && s.sW == 1 && s.inW <= 16 && tandem_cv_wide()) { col2im_wide(dx, dcol, g, n, s); return; }
 #endif
     for (long b = 0; b < n; b++) {
@@ -336,21 +351,6 @@ long tandem_direct_padded_count(long n, TandemConvShape s) {
     return n * s.inC * (s.outH + s.kH - 1) * (tandem_direct_row(s.outW) + s.kW - 1);
 }
 
-// A statement expression, not a function: returning an 8-float vector from a function changes the ABI
-// in the builds without AVX.
-#define load_f8(p) ({ f8 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
-
-// 16-wide vectors for the AVX-512 tiles (tandem_cv_wide). Only where the 8-wide tiles run as an AVX2 +
-// FMA clone (Linux, clang): elsewhere they multiply and add in two roundings, and the 16-wide tiles,
-// which fuse them, would not give their bits.
-#if defined(__x86_64__) && defined(__linux__) && defined(__clang__)
-#define TANDEM_WIDE 1
-#define TANDEM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
-typedef float f16 __attribute__((ext_vector_type(16)));
-#define load_f16(p) ({ f16 v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
-#else
-#define TANDEM_WIDE 0
-#endif
 
 // OB output channels of NR output rows' chunk (8 columns) at a time, the accumulators in registers; the
 // rows share each weight load and give NR x OB independent sums. Each output sums over c, ki, kj in

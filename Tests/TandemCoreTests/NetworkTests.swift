@@ -487,13 +487,22 @@ private let dagLayers: [LayerSpec] = [
     let names = Set(net.fusedReLUs.map { graph.nodes[$0].name })
     #expect(names == ["r1"], "c2 is also read by the add, so r2 stays a layer of its own")
     #expect(Network<Double>(graph: try Graph(input: input, layers: layers(.leakyRelu(alpha: 0))), capacity: 4).fusedReLUs.isEmpty)
-    for parts in [1, 2] {
+    for s in try stepsAgainstLeakyReLU(input, layers) {
+        #expect(worstArrayError(s.plain.gradients.map { Float($0) }, s.relu.gradients) <= 1e-4)
+    }
+}
+
+/// One step with ReLUs and one with leaky ReLUs of slope 0 (never fused), with 1 and 2 parts: checks the
+/// Double steps agree to 1e-12 and returns, per part count, the Double leaky step and both Float steps.
+private func stepsAgainstLeakyReLU(_ input: Shape, _ layers: (LayerKind) -> [LayerSpec], sourceLocation: SourceLocation = #_sourceLocation)
+    throws -> [(parts: Int, plain: StepResult<Double>, relu: StepResult<Float>, leaky: StepResult<Float>)] {
+    try [1, 2].map { parts in
         let fused = try trainOnce(Double.self, input: input, layers(.relu), batch: 4, parts: parts)
         let plain = try trainOnce(Double.self, input: input, layers(.leakyRelu(alpha: 0)), batch: 4, parts: parts)
-        #expect(abs(fused.loss - plain.loss) <= 1e-12 * abs(plain.loss))
-        #expect(worstArrayError(plain.gradients, fused.gradients) <= 1e-12)
-        let f = try trainOnce(Float.self, input: input, layers(.relu), batch: 4, parts: parts)
-        #expect(worstArrayError(plain.gradients.map { Float($0) }, f.gradients) <= 1e-4)
+        #expect(abs(fused.loss - plain.loss) <= 1e-12 * abs(plain.loss), sourceLocation: sourceLocation)
+        #expect(worstArrayError(plain.gradients, fused.gradients) <= 1e-12, sourceLocation: sourceLocation)
+        return (parts, plain, try trainOnce(Float.self, input: input, layers(.relu), batch: 4, parts: parts),
+                try trainOnce(Float.self, input: input, layers(.leakyRelu(alpha: 0)), batch: 4, parts: parts))
     }
 }
 
@@ -517,16 +526,10 @@ private let dagLayers: [LayerSpec] = [
     // r4 is applied by p4 alone: its output gradient is not computed (p4 writes the add's).
     #expect(net.activationGradients[graph.nodes.first { $0.name == "r4" }!.index] == nil)
     #expect(Network<Double>(graph: try Graph(input: input, layers: layers(.leakyRelu(alpha: 0))), capacity: 4).pooledReLUs.isEmpty)
-    for parts in [1, 2] {
-        let pooled = try trainOnce(Double.self, input: input, layers(.relu), batch: 4, parts: parts)
-        let plain = try trainOnce(Double.self, input: input, layers(.leakyRelu(alpha: 0)), batch: 4, parts: parts)
-        #expect(abs(pooled.loss - plain.loss) <= 1e-12 * abs(plain.loss))
-        #expect(worstArrayError(plain.gradients, pooled.gradients) <= 1e-12)
-        let f = try trainOnce(Float.self, input: input, layers(.relu), batch: 4, parts: parts)
-        let g = try trainOnce(Float.self, input: input, layers(.leakyRelu(alpha: 0)), batch: 4, parts: parts)
-        let differing = zip(f.gradients, g.gradients).filter { $0 != $1 }.count
-        #expect(differing == 0, "\(parts) part(s): \(differing) of \(g.gradients.count) Float gradients differ")
-        #expect(f.gradients.contains { $0 != 0 })
+    for s in try stepsAgainstLeakyReLU(input, layers) {
+        let differing = zip(s.relu.gradients, s.leaky.gradients).filter { $0 != $1 }.count
+        #expect(differing == 0, "\(s.parts) part(s): \(differing) of \(s.leaky.gradients.count) Float gradients differ")
+        #expect(s.relu.gradients.contains { $0 != 0 })
     }
     // Evaluation (batch norm on its running statistics, the ReLU fused into it) gives the unfused outputs.
     func evaluate(_ activation: LayerKind) throws -> [Float] {
