@@ -12,12 +12,15 @@ import TandemCore
 
 @Suite struct DynamicTests {
     /// Claims of one step, one rank after the other in `order` (rank indices, repeated), until the
-    /// pool is empty: [(rank, first, size)].
-    func claims(counter: UnsafeMutablePointer<UInt64>, tag: UInt32, batch: Int, ranks: Int, bounds: (min: Int, max: Int), order: [Int]) -> [(Int, Int, Int)] {
+    /// pool is empty: [(rank, first, size)]. With `head`, each rank's first claim passes it.
+    func claims(counter: UnsafeMutablePointer<UInt64>, tag: UInt32, batch: Int, ranks: Int, bounds: (min: Int, max: Int), head: Int = 0,
+                order: [Int]) -> [(Int, Int, Int)] {
         var out: [(Int, Int, Int)] = []
         var first = 0
+        var claimed = Set<Int>()
         for r in order {
-            let n = tandem_claim_samples(counter, tag, batch, ranks, bounds.min, bounds.max, &first)
+            let n = tandem_claim_samples(counter, tag, batch, ranks, bounds.min, bounds.max, claimed.contains(r) ? 0 : head, &first)
+            claimed.insert(r)
             if n == 0 { break }
             out.append((r, first, n))
         }
@@ -34,8 +37,8 @@ import TandemCore
         #expect(c.map(\.1) == [0, 32, 56, 74, 88, 98, 106, 112, 116, 120, 124])
         // The pool is empty for this step; a claim of the next step (tag 2) starts at 0 again.
         var first = -1
-        #expect(tandem_claim_samples(counter, 1, 128, 2, 4, 32, &first) == 0)
-        #expect(tandem_claim_samples(counter, 2, 128, 2, 4, 32, &first) == 32 && first == 0)
+        #expect(tandem_claim_samples(counter, 1, 128, 2, 4, 32, 0, &first) == 0)
+        #expect(tandem_claim_samples(counter, 2, 128, 2, 4, 32, 0, &first) == 32 && first == 0)
         // A last claim smaller than the smallest chunk takes what is left.
         counter.pointee = 0
         #expect(claims(counter: counter, tag: 3, batch: 10, ranks: 2, bounds: (4, 8), order: [0, 1, 0, 1]).map(\.2) == [4, 4, 2])
@@ -62,6 +65,54 @@ import TandemCore
         }
     }
 
+    @Test func eachRanksFirstClaimIsItsHeadAndTheRestGoesInShrinkingChunks() {
+        let counter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
+        defer { counter.deallocate() }
+        counter.initialize(to: 0)
+        // 128 samples, 2 ranks, heads of 48 (three quarters of 64): both heads, then the last 32
+        // samples in chunks of ceil(left / 4) held within 2...32.
+        let c = claims(counter: counter, tag: 1, batch: 128, ranks: 2, bounds: (2, 32), head: 48, order: Array(repeating: [0, 1], count: 40).flatMap { $0 })
+        #expect(c.map(\.2) == [48, 48, 8, 6, 5, 4, 3, 2, 2, 2])
+        #expect(c.map(\.1) == [0, 48, 96, 104, 110, 115, 119, 122, 124, 126])
+        // Rank 1 comes late, after rank 0 has claimed its head and three chunks (95 samples, so that
+        // only one of the last 32 is before them): its first claim is a chunk like rank 0's then.
+        let late = claims(counter: counter, tag: 2, batch: 128, ranks: 2, bounds: (2, 32), head: 48, order: [0, 0, 0, 0] + Array(repeating: [1, 0], count: 10).flatMap { $0 })
+        #expect(late.map(\.2) == [48, 20, 15, 12, 9, 6, 5, 4, 3, 2, 2, 2])
+        // Rank 1 a little late, after rank 0's head and one chunk of 20: its head stops at the last 32.
+        #expect(claims(counter: counter, tag: 4, batch: 128, ranks: 2, bounds: (2, 32), head: 48, order: [0, 0, 1]).map(\.2) == [48, 20, 28])
+        // Four ranks, 256 samples: four heads of 48, then 64 samples in chunks.
+        let four = claims(counter: counter, tag: 3, batch: 256, ranks: 4, bounds: (2, 32), head: 48, order: Array(repeating: [0, 1, 2, 3], count: 20).flatMap { $0 })
+        #expect(four.prefix(4).map(\.2) == [48, 48, 48, 48] && four[4].2 == 8)
+
+        // Any batch, ranks, bounds, head and order: the claims tile [0, batch) in order, a rank's first
+        // claim at most its head (or, when late, a chunk), every later one within the bounds but for a
+        // last that takes what is left, and the later claims never growing.
+        var rng = SeededGenerator(seed: 6)
+        for trial in 0..<2_000 {
+            let ranks = 1 + Int(rng.next() % 6)
+            let batch = ranks + Int(rng.next() % 300)
+            let largest = 1 + Int(rng.next() % 64)
+            let bounds = (min: max(1, largest / 16), max: largest)
+            let head = max(ParallelConfig.headChunk(batch: batch, replicas: ranks), bounds.min)
+            let order = (0..<(batch + ranks)).map { _ in Int(rng.next() % UInt64(ranks)) }
+            let c = claims(counter: counter, tag: UInt32(10 + trial), batch: batch, ranks: ranks, bounds: bounds, head: head, order: order)
+            var next = 0, seen = Set<Int>(), lastLater = Int.max
+            for (k, claim) in c.enumerated() {
+                #expect(claim.1 == next)
+                let isLast = k == c.count - 1
+                if seen.insert(claim.0).inserted {
+                    #expect(claim.2 <= max(head, bounds.max), "batch \(batch) head \(head): \(c.map(\.2))")
+                } else {
+                    #expect(claim.2 <= bounds.max && (claim.2 >= bounds.min || isLast), "batch \(batch) bounds \(bounds): \(c.map(\.2))")
+                    #expect(claim.2 <= lastLater)
+                    lastLater = claim.2
+                }
+                next += claim.2
+            }
+            #expect(next == batch)
+        }
+    }
+
     @Test func ranksClaimingAtOnceNeverShareASample() {
         // Threads claim one sample at a time from one counter, all starting each step together
         // (a spinning start line), step after step: every sample of every step is claimed exactly
@@ -81,7 +132,7 @@ import TandemCore
             for s in 0..<steps {
                 startLine.wait()
                 while true {
-                    let n = tandem_claim_samples(c, UInt32(s + 1), batch, ranks, 1, 1, &first)
+                    let n = tandem_claim_samples(c, UInt32(s + 1), batch, ranks, 1, 1, 0, &first)
                     if n == 0 { break }
                     o[(r * steps + s) * batch + first] += 1
                 }
@@ -173,6 +224,9 @@ import TandemCore
         #expect(ParallelConfig().chunkBounds(batch: 128, replicas: 2) == (2, 32))
         #expect(ParallelConfig().chunkBounds(batch: 512, replicas: 2) == (8, 128))
         #expect(ParallelConfig().chunkBounds(batch: 2, replicas: 2) == (1, 1))
+        // The head: three quarters of the even share, at least 1.
+        #expect(ParallelConfig.headChunk(batch: 128, replicas: 2) == 48 && ParallelConfig.headChunk(batch: 256, replicas: 4) == 48)
+        #expect(ParallelConfig.headChunk(batch: 2, replicas: 2) == 1 && ParallelConfig.headChunk(batch: 7, replicas: 2) == 2)
         #expect(expectError(["parallel.dynamic"]) { _ = try config(lenetYAML + "\nparallel: {dynamic: often}\n") } == nil)
         #expect(expectError(["parallel.chunk", "positive"]) { _ = try config(lenetYAML + "\nparallel: {dynamic: true, chunk: 0}\n") } == nil)
         let data = try syntheticData()

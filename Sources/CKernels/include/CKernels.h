@@ -117,11 +117,16 @@ static inline void tandem_store_release_u64(uint64_t *p, uint64_t v) { __atomic_
 /// parallel.dynamic's claim of samples from a pool shared by the ranks of one machine. `*counter` holds
 /// (tag << 32) | next: the step `tag` and the first of its `batch` samples nobody has claimed; a counter
 /// still tagged with an earlier step reads as next = 0 (the first claim of a step resets it, and by
-/// then every rank has made its last claim of the earlier step). Takes ceil(left / (2 * ranks))
-/// samples, held within [min_chunk, max_chunk] and to what is left (guided self-scheduling: large
-/// claims while much is left, small ones at the end), with a compare-and-swap. Returns the claim's
-/// size (its first sample in *first), or 0 when the step's samples are all claimed.
-static inline long tandem_claim_samples(uint64_t *counter, uint32_t tag, long batch, long ranks, long min_chunk, long max_chunk, long *first) {
+/// then every rank has made its last claim of the earlier step). A claim takes ceil(left / (2 * ranks))
+/// samples, held within [min_chunk, max_chunk] (guided self-scheduling: large claims while much is
+/// left, small ones at the end). A rank's first claim of a step passes `head` > 0 and takes up to
+/// `head` samples in one chunk (which runs as fast as a fixed share), but none of the last batch -
+/// ranks * head, which stay for the chunks: every rank that comes in time gets its head, one that
+/// comes late claims as the others do then. Every claim is held to what is left and made with a
+/// compare-and-swap. Returns the claim's size (its first sample in *first), or 0 when the step's
+/// samples are all claimed.
+static inline long tandem_claim_samples(uint64_t *counter, uint32_t tag, long batch, long ranks, long min_chunk, long max_chunk, long head,
+                                        long *first) {
     uint64_t old = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
     for (;;) {
         long next = (uint32_t)(old >> 32) == tag ? (long)(old & 0xffffffffu) : 0;
@@ -130,6 +135,11 @@ static inline long tandem_claim_samples(uint64_t *counter, uint32_t tag, long ba
         long size = (left + 2 * ranks - 1) / (2 * ranks);
         if (size > max_chunk) size = max_chunk;
         if (size < min_chunk) size = min_chunk;
+        if (head > 0) {
+            long h = left - (batch - ranks * head);
+            if (h > head) h = head;
+            if (h > size) size = h;
+        }
         if (size > left) size = left;
         uint64_t claimed = ((uint64_t)tag << 32) | (uint64_t)(next + size);
         if (__atomic_compare_exchange_n(counter, &old, claimed, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {

@@ -52,18 +52,26 @@ public struct ParallelConfig: Sendable, Equatable {
     /// ranks take more samples, 0.5x to 1.5x the even share), so that no rank waits for a slower one.
     public var balance: Bool = false
     /// Data parallel on one machine: the replicas claim the samples of each global batch from a pool
-    /// they share as they go, in chunks that shrink towards the end of the step (guided
-    /// self-scheduling), so that they finish a step within a small chunk of one another whatever
-    /// their speeds do during it.
+    /// they share as they go, first one large chunk each (the head), then chunks that shrink towards
+    /// the end of the step (guided self-scheduling), so that they finish a step within a small chunk
+    /// of one another whatever their speeds do during it.
     public var dynamic: Bool = false
-    /// parallel.dynamic: the largest chunk a replica claims (0: half the even share, at least 1); the
-    /// smallest is a sixteenth of it (at least 1). The network is sized for one chunk.
+    /// parallel.dynamic: the largest chunk a replica claims after its head (0: half the even share, at
+    /// least 1); the smallest is a sixteenth of it (at least 1).
     public var chunk: Int = 0
 
-    /// parallel.dynamic's largest and smallest chunk for this global batch and number of replicas.
+    /// parallel.dynamic's largest and smallest chunk after the head for this global batch and number
+    /// of replicas.
     public func chunkBounds(batch: Int, replicas: Int) -> (min: Int, max: Int) {
         let largest = chunk > 0 ? min(chunk, batch) : max(1, batch / replicas / 2)
         return (max(1, largest / 16), largest)
+    }
+
+    /// parallel.dynamic's head: the most samples a replica's first claim of a step takes, three
+    /// quarters of the even share (at least 1), so that most of each step runs in one pass per
+    /// replica and the last quarter of the batch goes to whichever replica is ahead.
+    public static func headChunk(batch: Int, replicas: Int) -> Int {
+        max(1, batch / replicas * 3 / 4)
     }
 }
 

@@ -112,6 +112,8 @@ public final class Trainer {
     private var pool: SharedSegment?
     private var poolTag: UInt32 = 0
     public let chunkBounds: (min: Int, max: Int)
+    /// parallel.dynamic: the most samples of a rank's first claim of a step (`ParallelConfig.headChunk`).
+    public let headChunk: Int
     /// parallel.dynamic: the most chunks one rank can take of a full global batch (all of them).
     public let chunksPerBatch: Int
     private let samplesTaken: UnsafeMutablePointer<Double>
@@ -159,9 +161,11 @@ public final class Trainer {
             bounds.min = max(bounds.min, min(bounds.max, 8))
         }
         chunkBounds = bounds
+        headChunk = max(ParallelConfig.headChunk(batch: config.batchSize, replicas: replicas), bounds.min)
         var counter: UInt64 = 0, first = 0, chunks = 0
         if dynamic {
-            while tandem_claim_samples(&counter, 1, config.batchSize, replicas, bounds.min, bounds.max, &first) > 0 { chunks += 1 }
+            // One rank claiming the whole batch: its head, then the chunks after it.
+            while tandem_claim_samples(&counter, 1, config.batchSize, replicas, bounds.min, bounds.max, chunks == 0 ? headChunk : 0, &first) > 0 { chunks += 1 }
         }
         chunksPerBatch = max(1, chunks)
         samplesTaken = .allocate(capacity: replicas)
@@ -177,7 +181,7 @@ public final class Trainer {
         // replicas share.
         sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport,
                                 sharded: options.shardedUpdate, scalars: 6 + 2 * replicas)
-        let capacity = dynamic ? chunkBounds.max : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
+        let capacity = dynamic ? max(headChunk, chunkBounds.max) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
         net = Network(graph: graph, capacity: capacity, parts: threads, loss: config.loss, exchange: exchange,
                       gradients: sync.gradients.baseAddress!, parameters: sync.sharedParameters, gradientsOwner: sync)
         net.seed = config.seed
@@ -188,7 +192,7 @@ public final class Trainer {
             fputs("tandem: parallel.balance with batch norm and without parallel.sync_bn: each replica normalises over a share whose size follows the ranks' timing, so runs differ from one another and from one process; set sync_bn: true for the same statistics as one process\n", stderr)
         }
         if dynamic && hasBatchNorm && comm.rank == 0 && !options.quiet {
-            fputs("tandem: parallel.dynamic with batch norm: each chunk (\(chunkBounds.min) to \(chunkBounds.max) samples) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
+            fputs("tandem: parallel.dynamic with batch norm: each chunk (a head of up to \(headChunk) samples, then \(chunkBounds.min) to \(chunkBounds.max)) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
         }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
@@ -583,7 +587,12 @@ public final class Trainer {
         if poolTag == 0 { poolTag = 1 }   // 0 is the fresh segment's tag
         let bounds = chunkBounds
         var first = 0
-        func claim() -> Int { tandem_claim_samples(counter, poolTag, m, replicas, bounds.min, bounds.max, &first) }
+        let head = headChunk
+        var claims = 0
+        func claim() -> Int {
+            claims += 1
+            return tandem_claim_samples(counter, poolTag, m, replicas, bounds.min, bounds.max, claims == 1 ? head : 0, &first)
+        }
         if comm.rank == hooks.lateRank {
             // Test-only: wait until the other ranks have claimed the whole batch.
             while true {
