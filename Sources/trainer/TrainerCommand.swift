@@ -113,7 +113,7 @@ func runReportingErrors(_ body: () throws -> Void) -> Never {
 struct ShareOptions: ParsableArguments {
     @Flag(help: "Size each replica's share of the batch to its measured speed (parallel.balance).") var balance = false
     @Flag(help: "Replicas claim the batch's samples from a pool they share as they go (parallel.dynamic, one machine).") var dynamic = false
-    @Option(help: "With --dynamic, the largest chunk a replica claims (parallel.chunk).") var chunk: Int?
+    @Option(help: "With --dynamic, the largest chunk a replica claims after its first (parallel.chunk).") var chunk: Int?
 
     func apply(to c: inout TrainConfig) throws {
         if balance { c.parallel.balance = true }

@@ -120,13 +120,13 @@ static inline void tandem_store_release_u64(uint64_t *p, uint64_t v) { __atomic_
 /// then every rank has made its last claim of the earlier step). A claim takes ceil(left / (2 * ranks))
 /// samples, held within [min_chunk, max_chunk] (guided self-scheduling: large claims while much is
 /// left, small ones at the end). A rank's first claim of a step passes `head` > 0 and takes up to
-/// `head` samples in one chunk (which runs as fast as a fixed share), but none of the last batch -
-/// ranks * head, which stay for the chunks: every rank that comes in time gets its head, one that
-/// comes late claims as the others do then. Every claim is held to what is left and made with a
+/// `head` samples in one chunk (which runs as fast as a fixed share), but none of the last `reserve`
+/// (the batch less every rank's head), which stay for the chunks: every rank that comes in time gets
+/// its head, one that comes late claims as the others do then. Every claim is held to what is left and made with a
 /// compare-and-swap. Returns the claim's size (its first sample in *first), or 0 when the step's
 /// samples are all claimed.
 static inline long tandem_claim_samples(uint64_t *counter, uint32_t tag, long batch, long ranks, long min_chunk, long max_chunk, long head,
-                                        long *first) {
+                                        long reserve, long *first) {
     uint64_t old = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
     for (;;) {
         long next = (uint32_t)(old >> 32) == tag ? (long)(old & 0xffffffffu) : 0;
@@ -136,7 +136,7 @@ static inline long tandem_claim_samples(uint64_t *counter, uint32_t tag, long ba
         if (size > max_chunk) size = max_chunk;
         if (size < min_chunk) size = min_chunk;
         if (head > 0) {
-            long h = left - (batch - ranks * head);
+            long h = left - reserve;
             if (h > head) h = head;
             if (h > size) size = h;
         }

@@ -112,8 +112,13 @@ public final class Trainer {
     private var pool: SharedSegment?
     private var poolTag: UInt32 = 0
     public let chunkBounds: (min: Int, max: Int)
-    /// parallel.dynamic: the most samples of a rank's first claim of a step (`ParallelConfig.headChunk`).
+    /// parallel.dynamic: the head (the most samples of a rank's first claim of a step) at even shares
+    /// (`ParallelConfig.headChunk`); each replica's head of a full global batch, three quarters of
+    /// its share as `parallel.balance` would size it from the replicas' measured speeds (even until
+    /// they are measured); and the samples no head takes (the batch less every head).
     public let headChunk: Int
+    private let heads: UnsafeMutablePointer<Int>
+    private var headReserve = 0
     /// parallel.dynamic: the most chunks one rank can take of a full global batch (all of them).
     public let chunksPerBatch: Int
     private let samplesTaken: UnsafeMutablePointer<Double>
@@ -164,24 +169,26 @@ public final class Trainer {
         headChunk = max(ParallelConfig.headChunk(batch: config.batchSize, replicas: replicas), bounds.min)
         var counter: UInt64 = 0, first = 0, chunks = 0
         if dynamic {
-            // One rank claiming the whole batch: its head, then the chunks after it.
-            while tandem_claim_samples(&counter, 1, config.batchSize, replicas, bounds.min, bounds.max, chunks == 0 ? headChunk : 0, &first) > 0 { chunks += 1 }
+            // One rank claiming the whole batch in chunks, without a head (more chunks than with any).
+            while tandem_claim_samples(&counter, 1, config.batchSize, replicas, bounds.min, bounds.max, 0, 0, &first) > 0 { chunks += 1 }
         }
         chunksPerBatch = max(1, chunks)
         samplesTaken = .allocate(capacity: replicas)
         samplesTaken.initialize(repeating: 0, count: replicas)
-        stepStatistics = .allocate(capacity: 6 + 2 * replicas)
+        stepStatistics = .allocate(capacity: 6 + 3 * replicas)
         towerBad = .allocate(capacity: max(1, towerComm?.size ?? 1))
         perSample = .allocate(capacity: replicas)
         perSample.initialize(repeating: 0, count: replicas)
         cuts = .allocate(capacity: replicas + 1)
         for r in 0...replicas { cuts[r] = config.batchSize * r / replicas }
+        heads = .allocate(capacity: replicas)
+        heads.initialize(repeating: 0, count: replicas)
         // The sync first: through shared memory the network's gradients live in this rank's slot.
         // With the sharded update also the parameters and the SGD velocity live in memory the
         // replicas share.
         sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport,
-                                sharded: options.shardedUpdate, scalars: 6 + 2 * replicas)
-        let capacity = dynamic ? max(headChunk, chunkBounds.max) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
+                                sharded: options.shardedUpdate, scalars: 6 + 3 * replicas)
+        let capacity = dynamic ? max(Self.balancedCapacity(batch: config.batchSize, replicas: replicas) * 3 / 4, headChunk, chunkBounds.max) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
         net = Network(graph: graph, capacity: capacity, parts: threads, loss: config.loss, exchange: exchange,
                       gradients: sync.gradients.baseAddress!, parameters: sync.sharedParameters, gradientsOwner: sync)
         net.seed = config.seed
@@ -237,6 +244,18 @@ public final class Trainer {
             loadGlobal(parameters, into: net.parameters, tensors: \.parameters)
         }
         loadGlobal(statistics, into: net.statistics, tensors: \.statistics)
+        if dynamic { setHeads() }
+    }
+
+    /// parallel.dynamic: each replica's head of a full global batch from the share cuts, three
+    /// quarters of its share (at least the smallest chunk), and the samples left for the chunks.
+    private func setHeads() {
+        var sum = 0
+        for r in 0..<replicas {
+            heads[r] = max(chunkBounds.min, max(1, (cuts[r + 1] - cuts[r]) * 3 / 4))
+            sum += heads[r]
+        }
+        headReserve = max(0, config.batchSize - sum)
     }
 
     /// Runs `write`, which fills the parameters or the velocity: with the sharded update (one copy
@@ -316,7 +335,7 @@ public final class Trainer {
         return whole
     }
 
-    deinit { stepStatistics.deallocate(); perSample.deallocate(); cuts.deallocate(); samplesTaken.deallocate(); towerBad.deallocate() }
+    deinit { stepStatistics.deallocate(); perSample.deallocate(); cuts.deallocate(); heads.deallocate(); samplesTaken.deallocate(); towerBad.deallocate() }
 
     /// Every rank must run the same experiment: compare the config hashes and the world layout.
     func checkSameConfig() throws {
@@ -463,6 +482,7 @@ public final class Trainer {
                 correct += chunk.correct
                 total += chunk.count
                 last = chunk.count
+                computeSeconds += chunk.seconds
             }
             r = (loss, correct)
             taken = total
@@ -502,17 +522,21 @@ public final class Trainer {
         // slice, so each rank's first one rides along (1 + its index, 0 if none) and every rank names
         // the smallest.
         let sharded = sync.updatesParameters
-        let badSlot = balancing || dynamic ? 6 + replicas : 6
+        let badSlot = dynamic ? 6 + 2 * replicas : balancing ? 6 + replicas : 6
         var bad: Int?
         if tandem_all_finite_f32(net.gradients.baseAddress!, net.gradients.count) == 0 { bad = net.gradients.firstIndex { !$0.isFinite } }
         if replicas > 1 {
             monitor.writeCheckSlots(stats + 2)
             // With balance, each replica's seconds per sample rides along (zero in the others' slots);
-            // with dynamic shares, the samples each took.
+            // with dynamic shares, the samples each took and then (for a full batch) its seconds per
+            // sample, which size the next step's heads.
             let count = badSlot + (sharded ? replicas : 0)
             if count > 6 { (stats + 6).update(repeating: 0, count: count - 6) }
             if balancing && taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
-            if dynamic { stats[6 + replica] = Double(taken) }
+            if dynamic {
+                stats[6 + replica] = Double(taken)
+                if taken > 0 && m == config.batchSize { stats[6 + replicas + replica] = computeSeconds / Double(taken) }
+            }
             if sharded { stats[badSlot + replica] = Double((bad ?? -1) + 1) }
             try monitor.watch(.loss, step: step, count: count) { try sync.sumScalars(stats, count: count) }
             if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
@@ -520,15 +544,19 @@ public final class Trainer {
                 for q in 0..<replicas { samplesTaken[q] += stats[6 + q] }
                 dynamicSteps += 1
             }
-            if balancing && m == config.batchSize && (0..<replicas).allSatisfy({ stats[6 + $0] > 0 }) {
+            // With balance the seconds per sample are in slots 6..., with dynamic shares after the
+            // samples taken.
+            let speeds = stats + (dynamic ? 6 + replicas : 6)
+            if (balancing || dynamic) && m == config.batchSize && (0..<replicas).allSatisfy({ speeds[$0] > 0 }) {
                 // A moving average over the last few steps; the first step of this process (cold
                 // caches, also after a resume) is skipped.
                 if balancedSteps > 0 {
                     let a = Self.balanceSmoothing
-                    for q in 0..<replicas { perSample[q] = perSample[q] > 0 ? (1 - a) * perSample[q] + a * stats[6 + q] : stats[6 + q] }
+                    for q in 0..<replicas { perSample[q] = perSample[q] > 0 ? (1 - a) * perSample[q] + a * speeds[q] : speeds[q] }
                 }
                 balancedSteps += 1
                 Self.balancedCuts(batch: config.batchSize, perSample: perSample, replicas: replicas, into: cuts)
+                if dynamic { setHeads() }
             }
         }
         if let timing { let t = Clock.now; timing.allreduce += t - t0; t0 = t }
@@ -581,17 +609,20 @@ public final class Trainer {
     /// a step comes before the rank's gradient sync, which every rank finishes before any starts
     /// the next step's claims.
     private func claimChunks(epoch: Int, start: Int, globalCount m: Int, step: Int, timing: StepTiming?,
-                             took: (_ chunk: (loss: Double, correct: Int, count: Int)) -> Void) {
+                             took: (_ chunk: (loss: Double, correct: Int, count: Int, seconds: Double)) -> Void) {
         let counter = pool!.base.assumingMemoryBound(to: UInt64.self)
         poolTag &+= 1
         if poolTag == 0 { poolTag = 1 }   // 0 is the fresh segment's tag
         let bounds = chunkBounds
         var first = 0
-        let head = headChunk
+        // This rank's head: for a full batch sized to the replicas' speeds (`setHeads`), else even.
+        let full = m == config.batchSize
+        let head = full ? heads[replica] : max(bounds.min, ParallelConfig.headChunk(batch: m, replicas: replicas))
+        let reserve = full ? headReserve : m - replicas * head
         var claims = 0
         func claim() -> Int {
             claims += 1
-            return tandem_claim_samples(counter, poolTag, m, replicas, bounds.min, bounds.max, claims == 1 ? head : 0, &first)
+            return tandem_claim_samples(counter, poolTag, m, replicas, bounds.min, bounds.max, claims == 1 ? head : 0, reserve, &first)
         }
         if comm.rank == hooks.lateRank {
             // Test-only: wait until the other ranks have claimed the whole batch.
@@ -628,7 +659,7 @@ public final class Trainer {
             if comm.rank == hooks.slowRank { usleep(UInt32(hooks.slowMicrosPerSample * n)) }
             let t2 = Clock.now
             timing?.compute += t2 - t0
-            took((r.loss, r.correct, n))
+            took((r.loss, r.correct, n, t2 - t0))
         }
     }
 
