@@ -104,7 +104,7 @@ struct Bench: ParsableCommand {
                       + (trainer.sync.transportName == "shared memory" ? String(format: " (gradients %.3f ms, %.3f ms of that for the slowest rank's backward; the loss sum the rest)", gradientWaitMs, slowestMs) : ""))
             }
             if trainer.balancing { print("balance: shares of the batch at the end " + trainer.shares.map(String.init).joined(separator: ", ")) }
-            if trainer.dynamic { print(String(format: "dynamic: a head of up to %d samples, then chunks of %d to %d; each replica took ", trainer.headChunk, trainer.chunkBounds.min, trainer.chunkBounds.max) + trainer.shares.map(String.init).joined(separator: ", ") + " samples per step on average") }
+            if trainer.dynamic { print(String(format: "dynamic: heads of three quarters of each replica's speed-balanced share (%d at even shares), then chunks of %d to %d; each replica took ", trainer.headChunk, trainer.chunkBounds.min, trainer.chunkBounds.max) + trainer.shares.map(String.init).joined(separator: ", ") + " samples per step on average") }
             if comm.size > 1 {
                 print("per rank (ms per step): " + perRank.enumerated().map { r, v in
                     String(format: "rank %d forward %.3f backward %.3f wait %.3f (gradients %.3f, slowest rank %.3f)", r, v[1], v[2], v[3], v[7], v[6]) }.joined(separator: "; "))

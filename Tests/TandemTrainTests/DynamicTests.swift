@@ -12,14 +12,17 @@ import TandemCore
 
 @Suite struct DynamicTests {
     /// Claims of one step, one rank after the other in `order` (rank indices, repeated), until the
-    /// pool is empty: [(rank, first, size)]. With `head`, each rank's first claim passes it.
+    /// pool is empty: [(rank, first, size)]. With heads (one for every rank, or `head` for all), each
+    /// rank's first claim passes its own, and the samples no head covers stay for the chunks.
     func claims(counter: UnsafeMutablePointer<UInt64>, tag: UInt32, batch: Int, ranks: Int, bounds: (min: Int, max: Int), head: Int = 0,
-                order: [Int]) -> [(Int, Int, Int)] {
+                heads: [Int]? = nil, order: [Int]) -> [(Int, Int, Int)] {
+        let h = heads ?? Array(repeating: head, count: ranks)
+        let reserve = batch - h.reduce(0, +)
         var out: [(Int, Int, Int)] = []
         var first = 0
         var claimed = Set<Int>()
         for r in order {
-            let n = tandem_claim_samples(counter, tag, batch, ranks, bounds.min, bounds.max, claimed.contains(r) ? 0 : head, batch - ranks * head, &first)
+            let n = tandem_claim_samples(counter, tag, batch, ranks, bounds.min, bounds.max, claimed.contains(r) ? 0 : h[r], reserve, &first)
             claimed.insert(r)
             if n == 0 { break }
             out.append((r, first, n))
@@ -39,12 +42,17 @@ import TandemCore
         var first = -1
         #expect(tandem_claim_samples(counter, 1, 128, 2, 4, 32, 0, 0, &first) == 0)
         #expect(tandem_claim_samples(counter, 2, 128, 2, 4, 32, 0, 0, &first) == 32 && first == 0)
-        // A last claim smaller than the smallest chunk takes what is left.
+        // A claim that would leave fewer than the smallest chunk takes the rest too (4, then 6, not
+        // 4, 4, 2: with batch norm no chunk normalises over fewer than its smallest).
         counter.pointee = 0
-        #expect(claims(counter: counter, tag: 3, batch: 10, ranks: 2, bounds: (4, 8), order: [0, 1, 0, 1]).map(\.2) == [4, 4, 2])
+        #expect(claims(counter: counter, tag: 3, batch: 10, ranks: 2, bounds: (4, 8), order: [0, 1, 0, 1]).map(\.2) == [4, 6])
+        // Batch norm's smallest chunk of 8 after heads of 24 and 23 of 64: 8 and 9, not 8, 8 and 1.
+        #expect(claims(counter: counter, tag: 4, batch: 64, ranks: 2, bounds: (8, 16), heads: [24, 23], order: [0, 1, 0, 1, 0, 1]).map(\.2) == [24, 23, 8, 9])
 
         // Any batch, ranks, bounds and order of claims: the claims tile [0, batch) in order, each
-        // within the bounds but for a last one that takes what is left, none growing.
+        // within the bounds but for a last one that takes what is left (fewer than the smallest
+        // chunk only when that is all the batch had, at most the largest plus the smallest - 1),
+        // none but the last growing.
         var rng = SeededGenerator(seed: 5)
         for trial in 0..<2_000 {
             let ranks = 1 + Int(rng.next() % 6)
@@ -57,8 +65,12 @@ import TandemCore
             for (k, claim) in c.enumerated() {
                 #expect(claim.1 == next)
                 let isLast = k == c.count - 1
-                #expect(claim.2 <= bounds.max && (claim.2 >= bounds.min || isLast), "batch \(batch) bounds \(bounds): \(c.map(\.2))")
-                if k > 0 { #expect(claim.2 <= c[k - 1].2) }
+                if isLast {
+                    #expect(claim.2 <= bounds.max + bounds.min - 1 && (claim.2 >= bounds.min || c.count == 1), "batch \(batch) bounds \(bounds): \(c.map(\.2))")
+                } else {
+                    #expect(claim.2 <= bounds.max && claim.2 >= bounds.min, "batch \(batch) bounds \(bounds): \(c.map(\.2))")
+                    if k > 0 { #expect(claim.2 <= c[k - 1].2) }
+                }
                 next += claim.2
             }
             #expect(next == batch)
@@ -84,27 +96,34 @@ import TandemCore
         let four = claims(counter: counter, tag: 3, batch: 256, ranks: 4, bounds: (2, 32), head: 48, order: Array(repeating: [0, 1, 2, 3], count: 20).flatMap { $0 })
         #expect(four.prefix(4).map(\.2) == [48, 48, 48, 48] && four[4].2 == 8)
 
-        // Any batch, ranks, bounds, head and order: the claims tile [0, batch) in order, a rank's first
-        // claim at most its head (or, when late, a chunk), every later one within the bounds but for a
-        // last that takes what is left, and the later claims never growing.
+        // Any batch, ranks, bounds, heads (one per rank, as the trainer sizes them from the speeds)
+        // and order: the claims tile [0, batch) in order, a rank's first claim at most its head (or,
+        // when late, a chunk), every later one within the bounds but for a last that takes what is
+        // left, and the later claims but the last never growing. When every rank's first claim comes
+        // before any second one and the heads leave at least the smallest chunk, each rank gets
+        // exactly its head.
         var rng = SeededGenerator(seed: 6)
         for trial in 0..<2_000 {
             let ranks = 1 + Int(rng.next() % 6)
             let batch = ranks + Int(rng.next() % 300)
             let largest = 1 + Int(rng.next() % 64)
             let bounds = (min: max(1, largest / 16), max: largest)
-            let head = max(ParallelConfig.headChunk(batch: batch, replicas: ranks), bounds.min)
-            let order = (0..<(batch + ranks)).map { _ in Int(rng.next() % UInt64(ranks)) }
-            let c = claims(counter: counter, tag: UInt32(10 + trial), batch: batch, ranks: ranks, bounds: bounds, head: head, order: order)
+            let heads = (0..<ranks).map { _ in max(bounds.min, 1 + Int(rng.next() % UInt64(max(1, batch * 3 / (4 * ranks))))) }
+            let inTime = trial % 2 == 0
+            let order = (inTime ? Array(0..<ranks) : []) + (0..<(batch + ranks)).map { _ in Int(rng.next() % UInt64(ranks)) }
+            let c = claims(counter: counter, tag: UInt32(10 + trial), batch: batch, ranks: ranks, bounds: bounds, heads: heads, order: order)
+            let leftForChunks = batch - heads.reduce(0, +)
             var next = 0, seen = Set<Int>(), lastLater = Int.max
             for (k, claim) in c.enumerated() {
                 #expect(claim.1 == next)
                 let isLast = k == c.count - 1
+                let slack = isLast ? bounds.min - 1 : 0
                 if seen.insert(claim.0).inserted {
-                    #expect(claim.2 <= max(head, bounds.max), "batch \(batch) head \(head): \(c.map(\.2))")
+                    #expect(claim.2 <= max(heads[claim.0], bounds.max) + slack, "batch \(batch) heads \(heads): \(c.map(\.2))")
+                    if inTime && leftForChunks >= bounds.min { #expect(claim.2 == heads[claim.0], "batch \(batch) heads \(heads): \(c.map(\.2))") }
                 } else {
-                    #expect(claim.2 <= bounds.max && (claim.2 >= bounds.min || isLast), "batch \(batch) bounds \(bounds): \(c.map(\.2))")
-                    #expect(claim.2 <= lastLater)
+                    #expect(claim.2 <= bounds.max + slack && (claim.2 >= bounds.min || isLast), "batch \(batch) bounds \(bounds): \(c.map(\.2))")
+                    if !isLast { #expect(claim.2 <= lastLater) }
                     lastLater = claim.2
                 }
                 next += claim.2

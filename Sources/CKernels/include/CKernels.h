@@ -119,12 +119,14 @@ static inline void tandem_store_release_u64(uint64_t *p, uint64_t v) { __atomic_
 /// still tagged with an earlier step reads as next = 0 (the first claim of a step resets it, and by
 /// then every rank has made its last claim of the earlier step). A claim takes ceil(left / (2 * ranks))
 /// samples, held within [min_chunk, max_chunk] (guided self-scheduling: large claims while much is
-/// left, small ones at the end). A rank's first claim of a step passes `head` > 0 and takes up to
-/// `head` samples in one chunk (which runs as fast as a fixed share), but none of the last `reserve`
-/// (the batch less every rank's head), which stay for the chunks: every rank that comes in time gets
-/// its head, one that comes late claims as the others do then. Every claim is held to what is left and made with a
-/// compare-and-swap. Returns the claim's size (its first sample in *first), or 0 when the step's
-/// samples are all claimed.
+/// left, small ones at the end). A rank's first claim of a step passes `head` > 0 (at least min_chunk)
+/// and takes up to `head` samples in one chunk (which runs as fast as a fixed share), but none of the
+/// last `reserve` (the batch less every rank's head), which stay for the chunks: every rank that comes
+/// in time gets its head, one that comes late (fewer than min_chunk samples before the reserve)
+/// claims as the others do then. Every claim is held to what is left,
+/// and one that would leave fewer than min_chunk samples takes them too (so a claim can reach
+/// max_chunk + min_chunk - 1, or its head + min_chunk - 1); each is made with a compare-and-swap.
+/// Returns the claim's size (its first sample in *first), or 0 when the step's samples are all claimed.
 static inline long tandem_claim_samples(uint64_t *counter, uint32_t tag, long batch, long ranks, long min_chunk, long max_chunk, long head,
                                         long reserve, long *first) {
     uint64_t old = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
@@ -136,11 +138,15 @@ static inline long tandem_claim_samples(uint64_t *counter, uint32_t tag, long ba
         if (size > max_chunk) size = max_chunk;
         if (size < min_chunk) size = min_chunk;
         if (head > 0) {
+            // In time (at least the smallest chunk before the reserve): the head, or what is left
+            // before the reserve; late: a chunk like the others'.
             long h = left - reserve;
             if (h > head) h = head;
-            if (h > size) size = h;
+            if (h >= min_chunk) size = h;
         }
-        if (size > left) size = left;
+        // Never leave fewer than the smallest chunk (with batch norm a chunk of 1-7 samples would
+        // normalise over too few): such a remainder goes with this claim.
+        if (size > left || left - size < min_chunk) size = left;
         uint64_t claimed = ((uint64_t)tag << 32) | (uint64_t)(next + size);
         if (__atomic_compare_exchange_n(counter, &old, claimed, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
             *first = next;

@@ -57,7 +57,8 @@ public struct ParallelConfig: Sendable, Equatable {
     /// of one another whatever their speeds do during it.
     public var dynamic: Bool = false
     /// parallel.dynamic: the largest chunk a replica claims after its head (0: half the even share, at
-    /// least 1); the smallest is a sixteenth of it (at least 1).
+    /// least 1); the smallest is a sixteenth of it (at least 1). The network is sized for the larger
+    /// of this and the largest head.
     public var chunk: Int = 0
 
     /// parallel.dynamic's largest and smallest chunk after the head for this global batch and number
@@ -67,9 +68,10 @@ public struct ParallelConfig: Sendable, Equatable {
         return (max(1, largest / 16), largest)
     }
 
-    /// parallel.dynamic's head: the most samples a replica's first claim of a step takes, three
-    /// quarters of the even share (at least 1), so that most of each step runs in one pass per
-    /// replica and the last quarter of the batch goes to whichever replica is ahead.
+    /// parallel.dynamic's head at even shares: three quarters of the even share (at least 1), the most
+    /// samples a replica's first claim of a step takes, so that most of each step runs in one pass per
+    /// replica and the last quarter of the batch goes to whichever replica is ahead. Once the
+    /// replicas' speeds are measured the trainer takes three quarters of the balanced shares instead.
     public static func headChunk(batch: Int, replicas: Int) -> Int {
         max(1, batch / replicas * 3 / 4)
     }

@@ -92,11 +92,12 @@ public final class Trainer {
     public var localBatch: Int { config.batchSize / replicas }
     /// The per-step loss, correct count and four divergence-check slots, reduced over the replicas;
     /// with `parallel.balance`, then each replica's seconds per sample of this step (with
-    /// `parallel.dynamic` the samples it took); with the sharded update, then each replica's first
-    /// non-finite gradient (1 + its index, 0 if none).
+    /// `parallel.dynamic` the samples it took, then its seconds per sample in its first chunk); with
+    /// the sharded update, then each replica's first non-finite gradient (1 + its index, 0 if none).
     private let stepStatistics: UnsafeMutablePointer<Double>
-    /// `parallel.balance`: each replica's seconds per sample (moving average), and the share cuts of a
-    /// full global batch that follow from them: replica r takes [cuts[r], cuts[r + 1]).
+    /// `parallel.balance` and `parallel.dynamic`: each replica's seconds per sample (moving average),
+    /// and the share cuts of a full global batch that follow from them: with balance replica r takes
+    /// [cuts[r], cuts[r + 1]); with dynamic shares they size the heads (`setHeads`).
     private let perSample: UnsafeMutablePointer<Double>
     private let cuts: UnsafeMutablePointer<Int>
     /// Whether shares follow the replicas' speeds (parallel.balance with more than one replica).
@@ -188,7 +189,8 @@ public final class Trainer {
         // replicas share.
         sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport,
                                 sharded: options.shardedUpdate, scalars: 6 + 3 * replicas)
-        let capacity = dynamic ? max(Self.balancedCapacity(batch: config.batchSize, replicas: replicas) * 3 / 4, headChunk, chunkBounds.max) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
+        // A claim that would leave fewer than the smallest chunk takes the rest too.
+        let capacity = dynamic ? min(config.batchSize, max(Self.balancedCapacity(batch: config.batchSize, replicas: replicas) * 3 / 4, headChunk, chunkBounds.max) + chunkBounds.min - 1) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
         net = Network(graph: graph, capacity: capacity, parts: threads, loss: config.loss, exchange: exchange,
                       gradients: sync.gradients.baseAddress!, parameters: sync.sharedParameters, gradientsOwner: sync)
         net.seed = config.seed
@@ -475,6 +477,10 @@ public final class Trainer {
         let taken: Int, resident: Int
         // The forward and backward seconds (parallel.balance's measure of speed).
         var computeSeconds = 0.0
+        // parallel.dynamic: the speed measure, from the rank's first chunk alone (its head): the
+        // later chunks are small and a rank that takes more of them would look slower per sample
+        // for their fixed costs, shrinking its head further.
+        var speedSamples = 0
         if dynamic {
             var loss = 0.0, correct = 0, last = 0, total = 0
             claimChunks(epoch: epoch, start: start, globalCount: m, step: step, timing: timing) { chunk in
@@ -482,7 +488,10 @@ public final class Trainer {
                 correct += chunk.correct
                 total += chunk.count
                 last = chunk.count
-                computeSeconds += chunk.seconds
+                if speedSamples == 0 {
+                    computeSeconds = chunk.seconds
+                    speedSamples = chunk.count
+                }
             }
             r = (loss, correct)
             taken = total
@@ -535,7 +544,7 @@ public final class Trainer {
             if balancing && taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
             if dynamic {
                 stats[6 + replica] = Double(taken)
-                if taken > 0 && m == config.batchSize { stats[6 + replicas + replica] = computeSeconds / Double(taken) }
+                if speedSamples > 0 && m == config.batchSize { stats[6 + replicas + replica] = computeSeconds / Double(speedSamples) }
             }
             if sharded { stats[badSlot + replica] = Double((bad ?? -1) + 1) }
             try monitor.watch(.loss, step: step, count: count) { try sync.sumScalars(stats, count: count) }
@@ -603,7 +612,7 @@ public final class Trainer {
     /// parallel.dynamic: this rank's part of one optimiser step on global positions [start, start + m):
     /// claims chunks from the pool the replicas share until none is left, loading, forwarding and
     /// backpropagating each (the gradients add up over the chunks) and handing each chunk's loss,
-    /// correct count and size to `took`. The claim of the next chunk comes before a chunk's
+    /// correct count, size and seconds (forward and backward) to `took`. The claim of the next chunk comes before a chunk's
     /// backward, so that the last chunk's backward knows it is the last and posts the gradient
     /// buckets as it goes (overlap); a rank that gets no chunk posts zero gradients. Every claim of
     /// a step comes before the rank's gradient sync, which every rank finishes before any starts
