@@ -201,7 +201,7 @@ public final class Trainer {
             fputs("tandem: parallel.balance with batch norm and without parallel.sync_bn: each replica normalises over a share whose size follows the ranks' timing, so runs differ from one another and from one process; set sync_bn: true for the same statistics as one process\n", stderr)
         }
         if dynamic && hasBatchNorm && comm.rank == 0 && !options.quiet {
-            fputs("tandem: parallel.dynamic with batch norm: each chunk (a head of up to \(headChunk) samples, then \(chunkBounds.min) to \(chunkBounds.max)) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
+            fputs("tandem: parallel.dynamic with batch norm: each chunk (a head of three quarters of the replica's speed-balanced share, \(headChunk) samples at even shares, then \(chunkBounds.min) to \(chunkBounds.max)) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
         }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
@@ -612,9 +612,10 @@ public final class Trainer {
     /// parallel.dynamic: this rank's part of one optimiser step on global positions [start, start + m):
     /// claims chunks from the pool the replicas share until none is left, loading, forwarding and
     /// backpropagating each (the gradients add up over the chunks) and handing each chunk's loss,
-    /// correct count, size and seconds (forward and backward) to `took`. The claim of the next chunk comes before a chunk's
-    /// backward, so that the last chunk's backward knows it is the last and posts the gradient
-    /// buckets as it goes (overlap); a rank that gets no chunk posts zero gradients. Every claim of
+    /// correct count, size and seconds (forward and backward) to `took`. The claim of the next
+    /// chunk comes before a chunk's backward, so that the last chunk's backward knows it is the last
+    /// and posts the gradient buckets as it goes (overlap); a rank that gets no chunk posts zero
+    /// gradients. Every claim of
     /// a step comes before the rank's gradient sync, which every rank finishes before any starts
     /// the next step's claims.
     private func claimChunks(epoch: Int, start: Int, globalCount m: Int, step: Int, timing: StepTiming?,
@@ -627,7 +628,7 @@ public final class Trainer {
         // This rank's head: for a full batch sized to the replicas' speeds (`setHeads`), else even.
         let full = m == config.batchSize
         let head = full ? heads[replica] : max(bounds.min, ParallelConfig.headChunk(batch: m, replicas: replicas))
-        let reserve = full ? headReserve : m - replicas * head
+        let reserve = full ? headReserve : max(0, m - replicas * head)
         var claims = 0
         func claim() -> Int {
             claims += 1
