@@ -219,10 +219,8 @@ import TandemCore
 
     @Test func theHeadsFollowTheRanksSpeeds() throws {
         // A model whose compute takes microseconds per sample even in a debug build on a loaded
-        // machine (with LeNet-5 a debug rank 0 under a full `launch/test` took as long per sample as
-        // a rank slowed by 60 ms), so that rank 1's 50 ms per sample makes it by far the slower, even
-        // when a loaded machine holds rank 0 back for a while (at 20 ms and 6 steps the heads stayed
-        // even in one of three runs of the suite).
+        // machine, so that rank 1, slowed by 50 ms per sample, measures by far the slower: rank 0
+        // would need a stall of 300 ms in its 18-sample head to come near a third of its speed.
         let tiny = """
         model:
           layers:
@@ -232,17 +230,19 @@ import TandemCore
         optimizer: {lr: 0.05, momentum: 0.9}
         parallel: {dynamic: true}
         """
-        final class Box: @unchecked Sendable { var shares: [Int] = [] }
+        final class Box: @unchecked Sendable { var heads: [[Int]] = [[], []]; var shares: [Int] = [] }
         let box = Box()
-        _ = try trainInProcess(try config(tiny), ranks: 2, steps: 10,
+        _ = try trainInProcess(try config(tiny), ranks: 2, steps: 6,
                                prepare: { t in t.hooks.slowRank = 1; t.hooks.slowMicrosPerSample = 50_000 },
-                               finished: { t in if t.comm.rank == 0 { box.shares = t.shares } },
+                               finished: { t in box.heads[t.comm.rank] = t.heads; if t.comm.rank == 0 { box.shares = t.shares } },
                                data: syntheticData)
-        // Even heads of 12 of 32 would leave rank 0 at most 12 + 8. From the third step (the first
-        // step's speeds are not averaged in) rank 1's head is three quarters of the smallest balanced
-        // share, 6 of 8, and rank 0's 18 of 24, so rank 0 takes 26 a step: 24.8 on average over 10
-        // steps.
-        #expect(box.shares.count == 2 && box.shares[0] > 20, "shares \(box.shares)")
+        // Even heads would be 12 and 12 of 32. From the measured speeds (the second step's on),
+        // rank 1's share is the smallest balancing allows, 8 of 32, and its head three quarters of
+        // it; rank 0's 18 of 24. Both ranks size the same heads. (The shares are not pinned: a rank
+        // claims its next chunk before its backward, so the slow rank also holds a chunk of the
+        // rest before it sleeps.)
+        #expect(box.heads[0] == [18, 6] && box.heads[1] == [18, 6], "heads \(box.heads)")
+        #expect(box.shares.count == 2 && box.shares[0] > box.shares[1], "shares \(box.shares)")
     }
 
     @Test func threeRanksAndARankThatGetsNoSampleTrainWhatOneProcessTrains() throws {

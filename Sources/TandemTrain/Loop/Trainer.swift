@@ -118,7 +118,7 @@ public final class Trainer {
     /// its share as `parallel.balance` would size it from the replicas' measured speeds (even until
     /// they are measured); and the samples no head takes (the batch less every head).
     public let headChunk: Int
-    private let heads: UnsafeMutablePointer<Int>
+    private let headOf: UnsafeMutablePointer<Int>
     private var headReserve = 0
     /// parallel.dynamic: the most chunks one rank can take of a full global batch (all of them).
     public let chunksPerBatch: Int
@@ -182,8 +182,8 @@ public final class Trainer {
         perSample.initialize(repeating: 0, count: replicas)
         cuts = .allocate(capacity: replicas + 1)
         for r in 0...replicas { cuts[r] = config.batchSize * r / replicas }
-        heads = .allocate(capacity: replicas)
-        heads.initialize(repeating: 0, count: replicas)
+        headOf = .allocate(capacity: replicas)
+        headOf.initialize(repeating: 0, count: replicas)
         // The sync first: through shared memory the network's gradients live in this rank's slot.
         // With the sharded update also the parameters and the SGD velocity live in memory the
         // replicas share.
@@ -254,8 +254,8 @@ public final class Trainer {
     private func setHeads() {
         var sum = 0
         for r in 0..<replicas {
-            heads[r] = max(chunkBounds.min, max(1, (cuts[r + 1] - cuts[r]) * 3 / 4))
-            sum += heads[r]
+            headOf[r] = max(chunkBounds.min, max(1, (cuts[r + 1] - cuts[r]) * 3 / 4))
+            sum += headOf[r]
         }
         headReserve = max(0, config.batchSize - sum)
     }
@@ -337,7 +337,7 @@ public final class Trainer {
         return whole
     }
 
-    deinit { stepStatistics.deallocate(); perSample.deallocate(); cuts.deallocate(); heads.deallocate(); samplesTaken.deallocate(); towerBad.deallocate() }
+    deinit { stepStatistics.deallocate(); perSample.deallocate(); cuts.deallocate(); headOf.deallocate(); samplesTaken.deallocate(); towerBad.deallocate() }
 
     /// Every rank must run the same experiment: compare the config hashes and the world layout.
     func checkSameConfig() throws {
@@ -401,6 +401,9 @@ public final class Trainer {
         samplesTaken.update(repeating: 0, count: replicas)
         dynamicSteps = 0
     }
+
+    /// parallel.dynamic: each replica's head of the next full global batch (`setHeads`).
+    public var heads: [Int] { (0..<replicas).map { headOf[$0] } }
 
     /// Each replica's share of a full global batch: at this point with `parallel.balance`, the mean
     /// over the full batches so far (rounded) with `parallel.dynamic`, else the even share.
@@ -627,7 +630,7 @@ public final class Trainer {
         var first = 0
         // This rank's head: for a full batch sized to the replicas' speeds (`setHeads`), else even.
         let full = m == config.batchSize
-        let head = full ? heads[replica] : max(bounds.min, ParallelConfig.headChunk(batch: m, replicas: replicas))
+        let head = full ? headOf[replica] : max(bounds.min, ParallelConfig.headChunk(batch: m, replicas: replicas))
         let reserve = full ? headReserve : max(0, m - replicas * head)
         var claims = 0
         func claim() -> Int {
