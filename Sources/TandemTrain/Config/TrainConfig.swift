@@ -73,8 +73,12 @@ public struct ParallelConfig: Sendable, Equatable {
     /// replica and the last quarter of the batch goes to whichever replica is ahead. Once the
     /// replicas' speeds are measured the trainer takes three quarters of the balanced shares instead.
     public static func headChunk(batch: Int, replicas: Int) -> Int {
-        max(1, batch / replicas * 3 / 4)
+        head(ofShare: batch / replicas)
     }
+
+    /// parallel.dynamic's head of a replica whose share is `share` samples: three quarters of it, at
+    /// least 1.
+    public static func head(ofShare share: Int) -> Int { max(1, share * 3 / 4) }
 }
 
 public struct TrainConfig: Sendable {

@@ -190,7 +190,7 @@ public final class Trainer {
         sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport,
                                 sharded: options.shardedUpdate, scalars: 6 + 3 * replicas)
         // A claim that would leave fewer than the smallest chunk takes the rest too.
-        let capacity = dynamic ? min(config.batchSize, max(Self.balancedCapacity(batch: config.batchSize, replicas: replicas) * 3 / 4, headChunk, chunkBounds.max) + chunkBounds.min - 1) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
+        let capacity = dynamic ? min(config.batchSize, max(ParallelConfig.head(ofShare: Self.balancedCapacity(batch: config.batchSize, replicas: replicas)), headChunk, chunkBounds.max) + chunkBounds.min - 1) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
         net = Network(graph: graph, capacity: capacity, parts: threads, loss: config.loss, exchange: exchange,
                       gradients: sync.gradients.baseAddress!, parameters: sync.sharedParameters, gradientsOwner: sync)
         net.seed = config.seed
@@ -254,7 +254,7 @@ public final class Trainer {
     private func setHeads() {
         var sum = 0
         for r in 0..<replicas {
-            headOf[r] = max(chunkBounds.min, max(1, (cuts[r + 1] - cuts[r]) * 3 / 4))
+            headOf[r] = max(chunkBounds.min, ParallelConfig.head(ofShare: cuts[r + 1] - cuts[r]))
             sum += headOf[r]
         }
         headReserve = max(0, config.batchSize - sum)
@@ -628,7 +628,8 @@ public final class Trainer {
         if poolTag == 0 { poolTag = 1 }   // 0 is the fresh segment's tag
         let bounds = chunkBounds
         var first = 0
-        // This rank's head: for a full batch sized to the replicas' speeds (`setHeads`), else even.
+        // This rank's head: for a full batch sized to the replicas' speeds (`setHeads`), else even
+        // (`headChunk` is the full batch's even head).
         let full = m == config.batchSize
         let head = full ? headOf[replica] : max(bounds.min, ParallelConfig.headChunk(batch: m, replicas: replicas))
         let reserve = full ? headReserve : max(0, m - replicas * head)
