@@ -136,10 +136,11 @@ private let mnist = Shape(1, 28, 28)
 
     /// parallel.dynamic's pass in chunks: `trainForward` and `trainBackward` over chunks of a batch
     /// (each keyed by its global offset, so dropout draws the same masks) add up to `trainStep` on
-    /// the whole batch, on one part and on two, and the observer hears of the gradients only in the
-    /// last chunk's backward.
-    @Test(arguments: [1, 2])
-    func chunksAddUpToTheWholeBatch(parts: Int) throws {
+    /// the whole batch, on one part and on two, with the fully connected weight gradients deferred to
+    /// the last chunk and without, and the observer hears of the gradients only in the last chunk's
+    /// backward.
+    @Test(arguments: [(parts: 1, deferred: false), (parts: 2, deferred: false), (parts: 1, deferred: true)])
+    func chunksAddUpToTheWholeBatch(parts: Int, deferred: Bool) throws {
         final class Watcher: GradientObserver {
             var reports = 0, reportsBeforeLast = 0
             func gradientsReady(from offset: Int) { reports += 1 }
@@ -150,6 +151,8 @@ private let mnist = Shape(1, 28, 28)
         let batch = 7
         let whole = try trainOnce(Double.self, input: input, layers, batch: batch, parts: 1, step: 5)
         let net = Network<Double>(graph: graph, capacity: 3, parts: parts)
+        if deferred { net.deferWeightGradients(samplesPerStep: batch) }
+        #expect(net.deferredSamples == (deferred ? batch : 0))
         net.seed = 31
         Initializer.initialize(net, scheme: .xavier, seed: 31)
         let watcher = Watcher()

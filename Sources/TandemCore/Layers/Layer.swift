@@ -21,6 +21,11 @@ public struct PassContext: Sendable {
     public var part: Int
     /// Whether batch norm moves its running averages in this pass.
     public var updateStatistics: Bool
+    /// A backward in chunks with deferred weight gradients (`Network.deferWeightGradients`): the row
+    /// of the step's stash where this chunk's samples go (-1: no deferral, gradients now), and
+    /// whether it is the step's last chunk, whose backward computes the deferred gradients.
+    public var stashRow = -1
+    public var lastChunk = true
     public init(start: Int, count: Int, batch: Int, training: Bool, step: Int = 0, seed: UInt64 = 0,
                 globalOffset: Int = 0, part: Int = 0, updateStatistics: Bool = true) {
         self.start = start; self.count = count; self.batch = batch; self.training = training

@@ -345,9 +345,31 @@ final class LinearLayer<T: Scalar>: Layer<T> {
     override func forward(_ c: PassContext) {
         linearForward(y0(c), x0(c), weight: w, bias: hasBias ? w + outFeatures * inShape.count : nil, n: c.count, inFeatures: inShape.count, outFeatures: outFeatures)
     }
+    /// Deferred weight gradients (`Network.deferWeightGradients`): the step's inputs and output
+    /// gradients, one row per sample of every chunk, for one product at the last chunk.
+    var stashX: UnsafeMutablePointer<T>?
+    var stashDY: UnsafeMutablePointer<T>?
+    var stashRows = 0
     override func backward(_ c: PassContext) {
-        linearBackward(dx0(c), dWeight: dw, dBias: hasBias ? dw + outFeatures * inShape.count : nil, dy0(c), x: x0(c), weight: w,
-                       n: c.count, inFeatures: inShape.count, outFeatures: outFeatures)
+        let inF = inShape.count
+        let dBias = hasBias ? dw + outFeatures * inF : nil
+        // In chunks, the weight gradient of each small chunk would read and write all of dW (and pack the
+        // operands) once per chunk: the rows go to the stash instead, and the last chunk makes one
+        // product of the step's rows (a step that is one chunk goes straight through).
+        guard let sx = stashX, let sdy = stashDY, c.stashRow >= 0, !(c.stashRow == 0 && c.lastChunk) else {
+            linearBackward(dx0(c), dWeight: dw, dBias: dBias, dy0(c), x: x0(c), weight: w, n: c.count, inFeatures: inF, outFeatures: outFeatures)
+            return
+        }
+        precondition(c.stashRow + c.count <= stashRows, "layer '\(node.name)': \(c.stashRow + c.count) samples in a step exceed the stash of \(stashRows)")
+        (sx + c.stashRow * inF).update(from: x0(c), count: c.count * inF)
+        (sdy + c.stashRow * outFeatures).update(from: dy0(c), count: c.count * outFeatures)
+        if let dx = dx0(c) {
+            T.gemm(transA: false, transB: false, m: c.count, n: inF, k: outFeatures,
+                   alpha: 1, a: dy0(c), lda: outFeatures, b: w, ldb: inF, beta: 0, c: dx, ldc: inF)
+        }
+        if c.lastChunk {
+            linearBackward(nil, dWeight: dw, dBias: dBias, sdy, x: sx, weight: w, n: c.stashRow + c.count, inFeatures: inF, outFeatures: outFeatures)
+        }
     }
 }
 

@@ -91,6 +91,10 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     private var accumulating = false
     /// `backward`: whether it tells the observer which gradients are final (a step's last chunk).
     private var reporting = true
+    /// Deferred weight gradients (`deferWeightGradients`): the most samples a step in chunks may have
+    /// (0: not deferred), and how many of the current step's the chunks so far had.
+    public private(set) var deferredSamples = 0
+    private var stashed = 0
     private var current = PassContext(start: 0, count: 0, batch: 0, training: false)
     private var lossScale: T = 1
     private let partLoss: UnsafeMutablePointer<Double>
@@ -266,6 +270,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
             if parts == 1 { zeroGradients() }
         }
         accumulating = accumulate
+        if !accumulate { stashed = 0 }
         self.lossScale = T(lossScale)
         start(.trainForward, count: count, training: true, step: step, updateStatistics: true)
         var total = 0.0, correct = 0
@@ -278,9 +283,31 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// the earlier chunks' tell it nothing.
     public func trainBackward(count: Int, step: Int, last: Bool) {
         reporting = last
-        start(.backward, count: count, training: true, step: step, updateStatistics: false)
+        start(.backward, count: count, training: true, step: step, updateStatistics: false,
+              stashRow: deferredSamples > 0 ? stashed : -1, lastChunk: last)
+        stashed += count
         reporting = true
         if last { finishGradients() }
+    }
+
+    /// A training pass in chunks then leaves the fully connected layers' weight gradients to the step's
+    /// last chunk: each chunk's inputs and output gradients of those layers go to a stash of
+    /// `samplesPerStep` rows (allocated here, once), and the last chunk's backward makes one product
+    /// over all of them. Each chunk's own product would read and write the whole weight gradient (and
+    /// pack its operands) once per chunk: with parallel.dynamic's chunks of 2-8 samples that costs as
+    /// much as the chunk's arithmetic. On one part only (the parts split each chunk's samples).
+    public func deferWeightGradients(samplesPerStep: Int) {
+        precondition(samplesPerStep > 0)
+        guard parts == 1, deferredSamples == 0 else { return }
+        deferredSamples = samplesPerStep
+        for layer in layers[0] {
+            guard let fc = layer as? LinearLayer<T> else { continue }
+            fc.stashX = allocateZeroed(T.self, count: samplesPerStep * fc.inShape.count)
+            fc.stashDY = allocateZeroed(T.self, count: samplesPerStep * fc.outFeatures)
+            fc.stashRows = samplesPerStep
+            owned.append(UnsafeMutableRawPointer(fc.stashX!))
+            owned.append(UnsafeMutableRawPointer(fc.stashDY!))
+        }
     }
 
     /// A step in which this replica computes no sample (parallel.dynamic, where the others claimed
@@ -315,11 +342,13 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         for g in partGradients { UnsafeMutableRawPointer(g).initializeMemory(as: UInt8.self, repeating: 0, count: graph.parameterCount * MemoryLayout<T>.stride) }
     }
 
-    private func start(_ cmd: Command, count: Int, training: Bool, step: Int, updateStatistics: Bool) {
+    private func start(_ cmd: Command, count: Int, training: Bool, step: Int, updateStatistics: Bool, stashRow: Int = -1, lastChunk: Bool = true) {
         precondition(count >= 0 && count <= capacity, "batch \(count) exceeds the capacity \(capacity) this network was built for")
         command = cmd
         current = PassContext(start: 0, count: count, batch: count, training: training, step: step, seed: seed,
                               globalOffset: globalOffset, updateStatistics: updateStatistics)
+        current.stashRow = stashRow
+        current.lastChunk = lastChunk
         if parts == 1 { runPart(0) } else { pool.run() }
     }
 

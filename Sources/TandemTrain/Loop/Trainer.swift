@@ -194,6 +194,8 @@ public final class Trainer {
         net = Network(graph: graph, capacity: capacity, parts: threads, loss: config.loss, exchange: exchange,
                       gradients: sync.gradients.baseAddress!, parameters: sync.sharedParameters, gradientsOwner: sync)
         net.seed = config.seed
+        // A rank may claim up to the whole batch in one step.
+        if dynamic { net.deferWeightGradients(samplesPerStep: config.batchSize) }
         sgd = SGD(graph: graph, settings: config.sgd, velocity: sync.sharedVelocity)
         if sync.sharedParameters != nil { sync.attach(optimizer: sgd) }
         if let note = sync.note, comm.rank == 0 { fputs("tandem: \(note)\n", stderr) }
