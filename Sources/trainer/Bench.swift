@@ -104,7 +104,7 @@ struct Bench: ParsableCommand {
                       + (trainer.sync.transportName == "shared memory" ? String(format: " (gradients %.3f ms, %.3f ms of that for the slowest rank's backward; the loss sum the rest)", gradientWaitMs, slowestMs) : ""))
             }
             if trainer.balancing { print("balance: shares of the batch at the end " + trainer.shares.map(String.init).joined(separator: ", ")) }
-            if trainer.dynamic { print(String(format: "dynamic: heads of three quarters of each replica's speed-balanced share (%d at even shares), then chunks of %d to %d; each replica took ", trainer.headChunk, trainer.chunkBounds.min, trainer.chunkBounds.max) + trainer.shares.map(String.init).joined(separator: ", ") + " samples per step on average") }
+            if trainer.dynamic { print(String(format: "dynamic: heads of %g of each replica's speed-balanced share (%d at even shares), then chunks of %d to %d; each replica took ", trainer.headFraction, trainer.headChunk, trainer.chunkBounds.min, trainer.chunkBounds.max) + trainer.shares.map(String.init).joined(separator: ", ") + " samples per step on average") }
             if comm.size > 1 {
                 print("per rank (ms per step): " + perRank.enumerated().map { r, v in
                     String(format: "rank %d forward %.3f backward %.3f wait %.3f (gradients %.3f, slowest rank %.3f)", r, v[1], v[2], v[3], v[7], v[6]) }.joined(separator: "; "))
@@ -133,7 +133,7 @@ struct Bench: ParsableCommand {
                     "batch_size": c.batchSize, "steps": steps, "warmup": warmup, "phases_ms": phases,
                     "ms_per_step": 1000 * elapsed / Double(steps), "synthetic": synthetic, "gradient_sync": trainer.sync.mode.rawValue, "bucket_kb": sync.bucketKB,
                     "update": trainer.sync.updatesParameters ? "sharded" : "replicated",
-                    "transport": trainer.sync.transportName, "balance": trainer.balancing, "dynamic": trainer.dynamic, "shares": trainer.shares, "wait_for_slowest_rank_ms": slowestMs, "gradient_wait_ms": gradientWaitMs,
+                    "transport": trainer.sync.transportName, "balance": trainer.balancing, "dynamic": trainer.dynamic, "head_fraction": trainer.dynamic ? trainer.headFraction : 0, "shares": trainer.shares, "wait_for_slowest_rank_ms": slowestMs, "gradient_wait_ms": gradientWaitMs,
                     "allreduce_ms": allreduceMs, "buckets": trainer.sync.buckets.count,
                     "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,
                     "blas_core": BLAS.core, "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,

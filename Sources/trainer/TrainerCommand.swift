@@ -114,6 +114,7 @@ struct ShareOptions: ParsableArguments {
     @Flag(help: "Size each replica's share of the batch to its measured speed (parallel.balance).") var balance = false
     @Flag(help: "Replicas claim the batch's samples from a pool they share as they go (parallel.dynamic, one machine).") var dynamic = false
     @Option(help: "With --dynamic, the largest chunk a replica claims after its first (parallel.chunk).") var chunk: Int?
+    @Option(help: "With --dynamic, the fraction of its speed-balanced share a replica's first claim of a step takes, in (0, 1] (parallel.head; default 0.375, 0.75 with batch norm).") var head: Double?
 
     func apply(to c: inout TrainConfig) throws {
         if balance { c.parallel.balance = true }
@@ -121,6 +122,10 @@ struct ShareOptions: ParsableArguments {
         if let chunk {
             guard chunk > 0 else { throw ValidationError("--chunk must be positive, got \(chunk)") }
             c.parallel.chunk = chunk
+        }
+        if let head {
+            guard head > 0 && head <= 1 else { throw ValidationError("--head must be a fraction in (0, 1], got \(head)") }
+            c.parallel.head = head
         }
     }
 }

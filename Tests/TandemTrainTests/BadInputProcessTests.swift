@@ -77,6 +77,7 @@ struct BadInputProcessTests {
             ("towers that do not divide the channels", ["--config", try editedConfig("  threads: 1\n", "  threads: 1\n  towers: 4\n")], "towers"),
             ("world size that does not fit", ["--config", try smallConfig(batch: 31)], "not divisible by the 2 replicas"),
             ("non-positive batch size", ["--config", try smallConfig(), "--batch-size", "0"], "--batch-size must be positive"),
+            ("a head that is no fraction", ["--config", try smallConfig(), "--dynamic", "--head", "1.5"], "--head must be a fraction in (0, 1]"),
             ("batch size 0 in the config", ["--config", try editedConfig("  batch_size: 64\n", "  batch_size: 0\n")], "batch_size"),
         ]
         for (label, args, fragment) in cases {

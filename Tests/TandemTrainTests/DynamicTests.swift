@@ -81,7 +81,7 @@ import TandemCore
         let counter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
         defer { counter.deallocate() }
         counter.initialize(to: 0)
-        // 128 samples, 2 ranks, heads of 48 (three quarters of 64): both heads, then the last 32
+        // 128 samples, 2 ranks, heads of 48 (three quarters of 64, as with batch norm): both heads, then the last 32
         // samples in chunks of ceil(left / 4) held within 2...32.
         let c = claims(counter: counter, tag: 1, batch: 128, ranks: 2, bounds: (2, 32), head: 48, order: Array(repeating: [0, 1], count: 40).flatMap { $0 })
         #expect(c.map(\.2) == [48, 48, 8, 6, 5, 4, 3, 2, 2, 2])
@@ -220,7 +220,7 @@ import TandemCore
     @Test func theHeadsFollowTheRanksSpeeds() throws {
         // A model whose compute takes microseconds per sample even in a debug build on a loaded
         // machine, so that rank 1, slowed by 50 ms per sample, measures by far the slower: rank 0
-        // would need a stall of 300 ms in its 18-sample head to come near a third of its speed.
+        // would need a stall of 150 ms in its 9-sample head to come near a third of its speed.
         let tiny = """
         model:
           layers:
@@ -236,12 +236,12 @@ import TandemCore
                                prepare: { t in t.hooks.slowRank = 1; t.hooks.slowMicrosPerSample = 50_000 },
                                finished: { t in box.heads[t.comm.rank] = t.heads; if t.comm.rank == 0 { box.shares = t.shares } },
                                data: syntheticData)
-        // Even heads would be 12 and 12 of 32. From the measured speeds (the second step's on),
-        // rank 1's share is the smallest balancing allows, 8 of 32, and its head three quarters of
-        // it; rank 0's 18 of 24. Both ranks size the same heads. (The shares are not pinned: a rank
+        // Even heads would be 6 and 6 of 32 (3/8 of 16, the default without batch norm). From the
+        // measured speeds (the second step's on), rank 1's share is the smallest balancing allows,
+        // 8 of 32, and its head 3/8 of it; rank 0's 9 of 24. Both ranks size the same heads. (The shares are not pinned: a rank
         // claims its next chunk before its backward, so the slow rank also holds a chunk of the
         // rest before it sleeps.)
-        #expect(box.heads[0] == [18, 6] && box.heads[1] == [18, 6], "heads \(box.heads)")
+        #expect(box.heads[0] == [9, 3] && box.heads[1] == [9, 3], "heads \(box.heads)")
         #expect(box.shares.count == 2 && box.shares[0] > box.shares[1], "shares \(box.shares)")
     }
 
@@ -271,14 +271,24 @@ import TandemCore
         #expect(ParallelConfig().chunkBounds(batch: 128, replicas: 2) == (2, 32))
         #expect(ParallelConfig().chunkBounds(batch: 512, replicas: 2) == (8, 128))
         #expect(ParallelConfig().chunkBounds(batch: 2, replicas: 2) == (1, 1))
-        // The head: three quarters of the even share, at least 1.
-        #expect(ParallelConfig.headChunk(batch: 128, replicas: 2) == 48 && ParallelConfig.headChunk(batch: 256, replicas: 4) == 48)
-        #expect(ParallelConfig.headChunk(batch: 2, replicas: 2) == 1 && ParallelConfig.headChunk(batch: 7, replicas: 2) == 2)
+        // The head: a fraction of the even share, rounded down, at least 1; by default 3/8, or 3/4
+        // with batch norm; parallel.head sets it.
+        #expect(ParallelConfig().headFraction(batchNorm: false) == 0.375 && ParallelConfig().headFraction(batchNorm: true) == 0.75)
+        #expect(ParallelConfig.headChunk(batch: 128, replicas: 2, fraction: 0.375) == 24 && ParallelConfig.headChunk(batch: 128, replicas: 2, fraction: 0.75) == 48)
+        #expect(ParallelConfig.headChunk(batch: 256, replicas: 4, fraction: 0.75) == 48 && ParallelConfig.headChunk(batch: 7, replicas: 2, fraction: 0.75) == 2)
+        #expect(ParallelConfig.headChunk(batch: 2, replicas: 2, fraction: 0.375) == 1 && ParallelConfig.headChunk(batch: 128, replicas: 2, fraction: 1) == 64)
+        let h = try config(lenetYAML + "\nparallel: {dynamic: true, head: 0.5}\n")
+        #expect(h.parallel.head == 0.5 && h.parallel.headFraction(batchNorm: true) == 0.5)
+        for bad in ["0", "1.5", "-0.25", "half"] {
+            #expect(expectError(["parallel.head"]) { _ = try config(lenetYAML + "\nparallel: {dynamic: true, head: \(bad)}\n") } == nil, "head: \(bad)")
+        }
         #expect(expectError(["parallel.dynamic"]) { _ = try config(lenetYAML + "\nparallel: {dynamic: often}\n") } == nil)
         #expect(expectError(["parallel.chunk", "positive"]) { _ = try config(lenetYAML + "\nparallel: {dynamic: true, chunk: 0}\n") } == nil)
         let data = try syntheticData()
         let chunkAlone = try config(lenetYAML + "\nparallel: {chunk: 8}\n")
         #expect(expectError(["test.yaml", "parallel.chunk", "parallel.dynamic"]) { _ = try Trainer.checkLayout(config: chunkAlone, data: data, worldSize: 1) } == nil)
+        let headAlone = try config(lenetYAML + "\nparallel: {head: 0.5}\n")
+        #expect(expectError(["test.yaml", "parallel.head", "parallel.dynamic"]) { _ = try Trainer.checkLayout(config: headAlone, data: data, worldSize: 1) } == nil)
         let both = try config(lenetYAML + "\nparallel: {dynamic: true, balance: true}\n")
         #expect(expectError(["test.yaml", "parallel.dynamic and parallel.balance"]) { _ = try Trainer.checkLayout(config: both, data: data, worldSize: 2) } == nil)
         let bn = try config(lenetYAML + "\nparallel: {dynamic: true, sync_bn: true}\n")

@@ -114,9 +114,10 @@ public final class Trainer {
     private var poolTag: UInt32 = 0
     public let chunkBounds: (min: Int, max: Int)
     /// parallel.dynamic: the head (the most samples of a rank's first claim of a step) at even shares
-    /// (`ParallelConfig.headChunk`); each replica's head of a full global batch, three quarters of
+    /// (`ParallelConfig.headChunk`); each replica's head of a full global batch, `headFraction` of
     /// its share as `parallel.balance` would size it from the replicas' measured speeds (even until
     /// they are measured); and the samples no head takes (the batch less every head).
+    public let headFraction: Double
     public let headChunk: Int
     private let headOf: UnsafeMutablePointer<Int>
     private var headReserve = 0
@@ -167,7 +168,8 @@ public final class Trainer {
             bounds.min = max(bounds.min, min(bounds.max, 8))
         }
         chunkBounds = bounds
-        headChunk = max(ParallelConfig.headChunk(batch: config.batchSize, replicas: replicas), bounds.min)
+        headFraction = config.parallel.headFraction(batchNorm: hasBatchNorm)
+        headChunk = max(ParallelConfig.headChunk(batch: config.batchSize, replicas: replicas, fraction: headFraction), bounds.min)
         var counter: UInt64 = 0, first = 0, chunks = 0
         if dynamic {
             // One rank claiming the whole batch in chunks, without a head (more chunks than with any).
@@ -190,7 +192,7 @@ public final class Trainer {
         sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport,
                                 sharded: options.shardedUpdate, scalars: 6 + 3 * replicas)
         // A claim that would leave fewer than the smallest chunk takes the rest too.
-        let capacity = dynamic ? min(config.batchSize, max(ParallelConfig.head(ofShare: Self.balancedCapacity(batch: config.batchSize, replicas: replicas)), headChunk, chunkBounds.max) + chunkBounds.min - 1) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
+        let capacity = dynamic ? min(config.batchSize, max(ParallelConfig.head(ofShare: Self.balancedCapacity(batch: config.batchSize, replicas: replicas), fraction: headFraction), headChunk, chunkBounds.max) + chunkBounds.min - 1) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
         net = Network(graph: graph, capacity: capacity, parts: threads, loss: config.loss, exchange: exchange,
                       gradients: sync.gradients.baseAddress!, parameters: sync.sharedParameters, gradientsOwner: sync)
         net.seed = config.seed
@@ -203,7 +205,7 @@ public final class Trainer {
             fputs("tandem: parallel.balance with batch norm and without parallel.sync_bn: each replica normalises over a share whose size follows the ranks' timing, so runs differ from one another and from one process; set sync_bn: true for the same statistics as one process\n", stderr)
         }
         if dynamic && hasBatchNorm && comm.rank == 0 && !options.quiet {
-            fputs("tandem: parallel.dynamic with batch norm: each chunk (a head of three quarters of the replica's speed-balanced share, \(headChunk) samples at even shares, then \(chunkBounds.min) to \(chunkBounds.max)) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
+            fputs("tandem: parallel.dynamic with batch norm: each chunk (a head of \(headFraction) of the replica's speed-balanced share, \(headChunk) samples at even shares, then \(chunkBounds.min) to \(chunkBounds.max)) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
         }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
@@ -251,12 +253,12 @@ public final class Trainer {
         if dynamic { setHeads() }
     }
 
-    /// parallel.dynamic: each replica's head of a full global batch from the share cuts, three
-    /// quarters of its share (at least the smallest chunk), and the samples left for the chunks.
+    /// parallel.dynamic: each replica's head of a full global batch from the share cuts, `headFraction`
+    /// of its share (at least the smallest chunk), and the samples left for the chunks.
     private func setHeads() {
         var sum = 0
         for r in 0..<replicas {
-            headOf[r] = max(chunkBounds.min, ParallelConfig.head(ofShare: cuts[r + 1] - cuts[r]))
+            headOf[r] = max(chunkBounds.min, ParallelConfig.head(ofShare: cuts[r + 1] - cuts[r], fraction: headFraction))
             sum += headOf[r]
         }
         headReserve = max(0, config.batchSize - sum)
@@ -297,6 +299,9 @@ public final class Trainer {
         }
         if config.parallel.chunk > 0 && !config.parallel.dynamic {
             throw ConfigError("\(config.source): parallel.chunk sizes the chunks of parallel.dynamic, which is off: set parallel.dynamic: true (or --dynamic), or drop parallel.chunk")
+        }
+        if config.parallel.head > 0 && !config.parallel.dynamic {
+            throw ConfigError("\(config.source): parallel.head sizes the heads of parallel.dynamic, which is off: set parallel.dynamic: true (or --dynamic), or drop parallel.head")
         }
         if config.parallel.dynamic {
             if wanted > 1 {
@@ -347,14 +352,14 @@ public final class Trainer {
         // ranks meet, not what is trained (so that `--balance` and `--dynamic` are not in the hash
         // that checkpoints carry): compared here on their own.
         var mine: [Int64] = [Int64(bitPattern: config.hash), Int64(config.batchSize), Int64(bitPattern: config.seed), config.parallel.balance ? 1 : 0,
-                             config.parallel.dynamic ? 1 : 0, Int64(config.parallel.chunk)]
+                             config.parallel.dynamic ? 1 : 0, Int64(config.parallel.chunk), Int64(bitPattern: config.parallel.head.bitPattern)]
         let k = mine.count
         var all = [Int64](repeating: 0, count: k * comm.size)
         try mine.withUnsafeMutableBytes { m in
             try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: 8 * k, into: a.baseAddress!) }
         }
         for r in 0..<comm.size where (0..<k).contains(where: { all[k * r + $0] != all[$0] }) {
-            throw TrainingError("rank \(r) runs a different config than rank 0 (config hash, batch size, seed, parallel.balance, parallel.dynamic or parallel.chunk differ): start every rank with the same config and options")
+            throw TrainingError("rank \(r) runs a different config than rank 0 (config hash, batch size, seed, parallel.balance, parallel.dynamic, parallel.chunk or parallel.head differ): start every rank with the same config and options")
         }
         mine.removeAll()
     }
@@ -633,7 +638,7 @@ public final class Trainer {
         // This rank's head: for a full batch sized to the replicas' speeds (`setHeads`), else even
         // (`headChunk` is the full batch's even head).
         let full = m == config.batchSize
-        let head = full ? headOf[replica] : max(bounds.min, ParallelConfig.headChunk(batch: m, replicas: replicas))
+        let head = full ? headOf[replica] : max(bounds.min, ParallelConfig.headChunk(batch: m, replicas: replicas, fraction: headFraction))
         let reserve = full ? headReserve : max(0, m - replicas * head)
         var claims = 0
         func claim() -> Int {
