@@ -139,8 +139,11 @@ private let mnist = Shape(1, 28, 28)
     /// the whole batch, on one part and on two, with the fully connected weight gradients deferred to
     /// the last chunk and without, and the observer hears of the gradients only in the last chunk's
     /// backward.
-    @Test(arguments: [(parts: 1, deferred: false), (parts: 2, deferred: false), (parts: 1, deferred: true)])
-    func chunksAddUpToTheWholeBatch(parts: Int, deferred: Bool) throws {
+    /// With `late`, the last chunk's backward runs as if more were to come and `finishChunks` ends the
+    /// step (the rank learnt only after that backward that the pool was empty).
+    @Test(arguments: [(parts: 1, deferred: false, late: false), (parts: 2, deferred: false, late: false), (parts: 1, deferred: true, late: false),
+                      (parts: 2, deferred: false, late: true), (parts: 1, deferred: true, late: true)])
+    func chunksAddUpToTheWholeBatch(parts: Int, deferred: Bool, late: Bool) throws {
         final class Watcher: GradientObserver {
             var reports = 0, reportsBeforeLast = 0
             func gradientsReady(from offset: Int) { reports += 1 }
@@ -173,7 +176,11 @@ private let mnist = Shape(1, 28, 28)
             correct += r.correct
             let last = k == chunks.count - 1
             if last { watcher.reportsBeforeLast = watcher.reports }
-            net.trainBackward(count: chunk.count, step: 5, last: last)
+            net.trainBackward(count: chunk.count, step: 5, last: last && !late)
+        }
+        if late {
+            #expect(watcher.reports == 0)
+            net.finishChunks(step: 5)
         }
         #expect(watcher.reportsBeforeLast == 0 && watcher.reports > 0)
         #expect(abs(loss - whole.loss) < 1e-12 * abs(whole.loss) && correct == whole.correct)

@@ -91,7 +91,7 @@ import TandemCore
                 return mine
             }
         } throws: { error in
-            "\(error)".contains("rank 1 runs a different config than rank 0 (config hash, batch size, seed, parallel.balance, parallel.dynamic or parallel.chunk differ)")
+            "\(error)".contains("rank 1 runs a different config than rank 0 (config hash, batch size, seed, parallel.balance, parallel.dynamic, parallel.chunk or parallel.head differ)")
         }
     }
 

@@ -371,6 +371,13 @@ final class LinearLayer<T: Scalar>: Layer<T> {
             linearBackward(nil, dWeight: dw, dBias: dBias, sdy, x: sx, weight: w, n: c.stashRow + c.count, inFeatures: inF, outFeatures: outFeatures)
         }
     }
+    /// The deferred weight gradients of the step's first `c.stashRow` stashed samples, when the last
+    /// chunk's backward did not know it was the last (`Network.finishChunks`).
+    func finishDeferred(_ c: PassContext) {
+        guard let sx = stashX, let sdy = stashDY, c.stashRow > 0 else { return }
+        linearBackward(nil, dWeight: dw, dBias: hasBias ? dw + outFeatures * inShape.count : nil, sdy, x: sx, weight: w,
+                       n: c.stashRow, inFeatures: inShape.count, outFeatures: outFeatures)
+    }
 }
 
 // MARK: - Shape plumbing

@@ -84,7 +84,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     private var owned: [UnsafeMutableRawPointer] = []
 
     // The current command, read by every part.
-    private enum Command { case forward, train, trainForward, backward }
+    private enum Command { case forward, train, trainForward, backward, finish }
     private var command = Command.forward
     /// `trainForward`: whether the pass adds to the gradients earlier chunks of the step left
     /// (part 0 writes the main buffer, which it does not zero then; the other parts zero theirs).
@@ -290,6 +290,14 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         if last { finishGradients() }
     }
 
+    /// Ends a step in chunks whose last chunk's backward ran with `last` false (the rank learnt only
+    /// afterwards that no chunk was left): what that backward would have done at the end — the
+    /// deferred weight gradients, the parts' sum — then every gradient reported final at once.
+    public func finishChunks(step: Int) {
+        start(.finish, count: 0, training: true, step: step, updateStatistics: false, stashRow: stashed, lastChunk: true)
+        finishGradients()
+    }
+
     /// A training pass in chunks then leaves the fully connected layers' weight gradients to the step's
     /// last chunk: each chunk's inputs and output gradients of those layers go to a stash of
     /// `samplesPerStep` rows (allocated here, once), and the last chunk's backward makes one product
@@ -381,6 +389,11 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         // sums meet in the main buffer (part 0's) after the last chunk's backward.
         if parts > 1 && (command == .train || (command == .trainForward && !accumulating)) {
             UnsafeMutableRawPointer(partGradients[p]).initializeMemory(as: UInt8.self, repeating: 0, count: graph.parameterCount * MemoryLayout<T>.stride)
+        }
+        if command == .finish {
+            for layer in row { (layer as? LinearLayer<T>)?.finishDeferred(c) }
+            if parts > 1 { sumGradients(part: p) }
+            return
         }
         if command == .forward || command == .train || command == .trainForward {
             for layer in row where c.count > 0 || layer.reducesAcrossParts {

@@ -622,12 +622,11 @@ public final class Trainer {
     /// parallel.dynamic: this rank's part of one optimiser step on global positions [start, start + m):
     /// claims chunks from the pool the replicas share until none is left, loading, forwarding and
     /// backpropagating each (the gradients add up over the chunks) and handing each chunk's loss,
-    /// correct count, size and seconds (forward and backward) to `took`. The claim of the next
-    /// chunk comes before a chunk's backward, so that the last chunk's backward knows it is the last
-    /// and posts the gradient buckets as it goes (overlap); a rank that gets no chunk posts zero
-    /// gradients. Every claim of
-    /// a step comes before the rank's gradient sync, which every rank finishes before any starts
-    /// the next step's claims.
+    /// correct count, size and seconds (forward and backward) to `took`. The next chunk is claimed
+    /// after a chunk's backward; a chunk's backward that finds the pool empty already knows it is the
+    /// last and posts the gradient buckets as it goes (overlap); a rank that gets no chunk posts zero
+    /// gradients. Every claim of a step comes before the rank's gradient sync, which every rank
+    /// finishes before any starts the next step's claims.
     private func claimChunks(epoch: Int, start: Int, globalCount m: Int, step: Int, timing: StepTiming?,
                              took: (_ chunk: (loss: Double, correct: Int, count: Int, seconds: Double)) -> Void) {
         let counter = pool!.base.assumingMemoryBound(to: UInt64.self)
@@ -647,11 +646,7 @@ public final class Trainer {
         }
         if comm.rank == hooks.lateRank {
             // Test-only: wait until the other ranks have claimed the whole batch.
-            while true {
-                let c = tandem_load_acquire_u64(counter)
-                if UInt32(truncatingIfNeeded: c >> 32) == poolTag && Int(c & 0xffff_ffff) >= m { break }
-                usleep(100)
-            }
+            while !poolEmpty(counter, batch: m) { usleep(100) }
         }
         var size = claim()
         if size == 0 {
@@ -675,13 +670,28 @@ public final class Trainer {
                 nonFiniteChunk = firstNonFinite(count: n, backward: false) ?? "the loss of samples \(lo)..<\(lo + n) of the batch"
             }
             accumulate = true
-            size = claim()
-            net.trainBackward(count: n, step: step, last: size == 0)
+            // Claimed only after the backward, so that a rank holds no chunk it has not started when
+            // the others run out. Whether this chunk is the last is known before its backward (which
+            // then posts the gradient buckets as it goes) only when the pool is empty already; when
+            // the next claim finds it emptied during the backward, the gradients are reported at once
+            // (the rank that took the rest is the later one, and its last backward posts as it goes).
+            let last = poolEmpty(counter, batch: m)
+            net.trainBackward(count: n, step: step, last: last)
             if comm.rank == hooks.slowRank { usleep(UInt32(hooks.slowMicrosPerSample * n)) }
             let t2 = Clock.now
             timing?.compute += t2 - t0
             took((r.loss, r.correct, n, t2 - t0))
+            if last { return }
+            size = claim()
+            if size == 0 { net.finishChunks(step: step) }
         }
+    }
+
+    /// parallel.dynamic: whether every sample of the current step's pool is claimed.
+    @inline(__always)
+    private func poolEmpty(_ counter: UnsafeMutablePointer<UInt64>, batch m: Int) -> Bool {
+        let c = tandem_load_acquire_u64(counter)
+        return UInt32(truncatingIfNeeded: c >> 32) == poolTag && Int(c & 0xffff_ffff) >= m
     }
 
     /// The loss gradient's scale: 1 / the global batch (NaN on the test hook's poisoned rank and step,
