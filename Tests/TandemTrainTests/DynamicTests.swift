@@ -267,9 +267,9 @@ import TandemCore
         #expect(d.parallel.dynamic && d.parallel.chunk == 12)
         #expect(d.parallel.chunkBounds(batch: 128, replicas: 2) == (1, 12))
         #expect(try !config(lenetYAML).parallel.dynamic)
-        // The default: half the even share, the smallest a sixteenth of that.
-        #expect(ParallelConfig().chunkBounds(batch: 128, replicas: 2) == (2, 32))
-        #expect(ParallelConfig().chunkBounds(batch: 512, replicas: 2) == (8, 128))
+        // The default: half the even share, the smallest a thirty-second of that.
+        #expect(ParallelConfig().chunkBounds(batch: 128, replicas: 2) == (1, 32))
+        #expect(ParallelConfig().chunkBounds(batch: 512, replicas: 2) == (4, 128))
         #expect(ParallelConfig().chunkBounds(batch: 2, replicas: 2) == (1, 1))
         // The head: a fraction of the even share, rounded down, at least 1; by default 3/8, or 3/4
         // with batch norm; parallel.head sets it.
