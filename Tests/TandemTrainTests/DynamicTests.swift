@@ -238,9 +238,9 @@ import TandemCore
                                data: syntheticData)
         // Even heads would be 6 and 6 of 32 (3/8 of 16, the default without batch norm). From the
         // measured speeds (the second step's on), rank 1's share is the smallest balancing allows,
-        // 8 of 32, and its head 3/8 of it; rank 0's 9 of 24. Both ranks size the same heads. (The shares are not pinned: a rank
-        // claims its next chunk before its backward, so the slow rank also holds a chunk of the
-        // rest before it sleeps.)
+        // 8 of 32, and its head 3/8 of it; rank 0's 9 of 24. Both ranks size the same heads. (The
+        // shares are not pinned: the slow rank also claims chunks of the rest whenever it gets to
+        // the pool before rank 0 has emptied it.)
         #expect(box.heads[0] == [9, 3] && box.heads[1] == [9, 3], "heads \(box.heads)")
         #expect(box.shares.count == 2 && box.shares[0] > box.shares[1], "shares \(box.shares)")
     }

@@ -302,7 +302,7 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// last chunk: each chunk's inputs and output gradients of those layers go to a stash of
     /// `samplesPerStep` rows (allocated here, once), and the last chunk's backward makes one product
     /// over all of them. Each chunk's own product would read and write the whole weight gradient (and
-    /// pack its operands) once per chunk: with parallel.dynamic's chunks of 2-8 samples that costs as
+    /// pack its operands) once per chunk: with parallel.dynamic's chunks of 1-8 samples that costs as
     /// much as the chunk's arithmetic. On one part only (the parts split each chunk's samples).
     public func deferWeightGradients(samplesPerStep: Int) {
         precondition(samplesPerStep > 0)
