@@ -29,10 +29,16 @@ public func linearBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>?, dWeight: U
             for j in 0..<outFeatures { dBias[j] += r[j] }
         }
     }
-    if let dx {
-        T.gemm(transA: false, transB: false, m: n, n: inFeatures, k: outFeatures,
-               alpha: 1, a: dy, lda: outFeatures, b: weight, ldb: inFeatures, beta: 0, c: dx, ldc: inFeatures)
-    }
+    if let dx { linearInputGradient(dx, dy, weight: weight, n: n, inFeatures: inFeatures, outFeatures: outFeatures) }
+}
+
+/// Fully connected input gradient: dx = dy W.
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+public func linearInputGradient<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dy: UnsafePointer<T>, weight: UnsafePointer<T>,
+                                           n: Int, inFeatures: Int, outFeatures: Int) {
+    T.gemm(transA: false, transB: false, m: n, n: inFeatures, k: outFeatures,
+           alpha: 1, a: dy, lda: outFeatures, b: weight, ldb: inFeatures, beta: 0, c: dx, ldc: inFeatures)
 }
 
 /// Inverted dropout mask for samples [firstSample, firstSample + n) of `features` each (the slice

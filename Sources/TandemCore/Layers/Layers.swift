@@ -352,31 +352,26 @@ final class LinearLayer<T: Scalar>: Layer<T> {
     var stashRows = 0
     override func backward(_ c: PassContext) {
         let inF = inShape.count
-        let dBias = hasBias ? dw + outFeatures * inF : nil
         // In chunks, the weight gradient of each small chunk would read and write all of dW (and pack the
         // operands) once per chunk: the rows go to the stash instead, and the last chunk makes one
         // product of the step's rows (a step that is one chunk goes straight through).
         guard let sx = stashX, let sdy = stashDY, c.stashRow >= 0, !(c.stashRow == 0 && c.lastChunk) else {
-            linearBackward(dx0(c), dWeight: dw, dBias: dBias, dy0(c), x: x0(c), weight: w, n: c.count, inFeatures: inF, outFeatures: outFeatures)
+            linearBackward(dx0(c), dWeight: dw, dBias: hasBias ? dw + outFeatures * inF : nil, dy0(c), x: x0(c), weight: w,
+                           n: c.count, inFeatures: inF, outFeatures: outFeatures)
             return
         }
         precondition(c.stashRow + c.count <= stashRows, "layer '\(node.name)': \(c.stashRow + c.count) samples in a step exceed the stash of \(stashRows)")
         (sx + c.stashRow * inF).update(from: x0(c), count: c.count * inF)
         (sdy + c.stashRow * outFeatures).update(from: dy0(c), count: c.count * outFeatures)
-        if let dx = dx0(c) {
-            T.gemm(transA: false, transB: false, m: c.count, n: inF, k: outFeatures,
-                   alpha: 1, a: dy0(c), lda: outFeatures, b: w, ldb: inF, beta: 0, c: dx, ldc: inF)
-        }
-        if c.lastChunk {
-            linearBackward(nil, dWeight: dw, dBias: dBias, sdy, x: sx, weight: w, n: c.stashRow + c.count, inFeatures: inF, outFeatures: outFeatures)
-        }
+        if let dx = dx0(c) { linearInputGradient(dx, dy0(c), weight: w, n: c.count, inFeatures: inF, outFeatures: outFeatures) }
+        if c.lastChunk { finishDeferred(rows: c.stashRow + c.count) }
     }
-    /// The deferred weight gradients of the step's first `c.stashRow` stashed samples, when the last
-    /// chunk's backward did not know it was the last (`Network.finishChunks`).
-    func finishDeferred(_ c: PassContext) {
-        guard let sx = stashX, let sdy = stashDY, c.stashRow > 0 else { return }
+    /// The deferred weight gradients of the step's first `rows` stashed samples: at the last chunk's
+    /// backward, or after it when it did not know it was the last (`Network.finishChunks`).
+    func finishDeferred(rows: Int) {
+        guard let sx = stashX, let sdy = stashDY, rows > 0 else { return }
         linearBackward(nil, dWeight: dw, dBias: hasBias ? dw + outFeatures * inShape.count : nil, sdy, x: sx, weight: w,
-                       n: c.stashRow, inFeatures: inShape.count, outFeatures: outFeatures)
+                       n: rows, inFeatures: inShape.count, outFeatures: outFeatures)
     }
 }
 

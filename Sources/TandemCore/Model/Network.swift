@@ -95,6 +95,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
     /// (0: not deferred), and how many of the current step's the chunks so far had.
     public private(set) var deferredSamples = 0
     private var stashed = 0
+    /// The fully connected layers whose weight gradients wait (part 0's; empty when not deferred).
+    private var deferredLayers: [LinearLayer<T>] = []
     private var current = PassContext(start: 0, count: 0, batch: 0, training: false)
     private var lossScale: T = 1
     private let partLoss: UnsafeMutablePointer<Double>
@@ -308,8 +310,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
         precondition(samplesPerStep > 0)
         guard parts == 1, deferredSamples == 0 else { return }
         deferredSamples = samplesPerStep
-        for layer in layers[0] {
-            guard let fc = layer as? LinearLayer<T> else { continue }
+        deferredLayers = layers[0].compactMap { $0 as? LinearLayer<T> }
+        for fc in deferredLayers {
             fc.stashX = allocateZeroed(T.self, count: samplesPerStep * fc.inShape.count)
             fc.stashDY = allocateZeroed(T.self, count: samplesPerStep * fc.outFeatures)
             fc.stashRows = samplesPerStep
@@ -391,7 +393,8 @@ public final class Network<T: Scalar>: @unchecked Sendable {
             UnsafeMutableRawPointer(partGradients[p]).initializeMemory(as: UInt8.self, repeating: 0, count: graph.parameterCount * MemoryLayout<T>.stride)
         }
         if command == .finish {
-            for layer in row { (layer as? LinearLayer<T>)?.finishDeferred(c) }
+            // Deferred on one part only: then there is no parts' sum.
+            for fc in deferredLayers { fc.finishDeferred(rows: c.stashRow) }
             if parts > 1 { sumGradients(part: p) }
             return
         }
