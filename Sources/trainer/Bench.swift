@@ -20,10 +20,13 @@ struct Bench: ParsableCommand {
     var trace: String?
     @Option(help: ArgumentHelp("Add key=value to the JSON (repeatable; launch/scaling-benchmark labels its rows with it).", valueName: "key=value"))
     var tag: [String] = []
+    @Option(help: ArgumentHelp("Interleave blocks of N synced steps with blocks as long in which each rank trains its own share apart (no gradient sync): the job's images/s against the ranks' own, measured in the same seconds (data parallel only).", valueName: "N"))
+    var interleave: Int?
 
     mutating func validate() throws {
         if warmup < 0 || steps <= 0 { throw ValidationError("--warmup must be >= 0 and --steps positive") }
         for t in tag where !t.contains("=") { throw ValidationError("--tag must be key=value, got \(t)") }
+        if let interleave, interleave <= 0 { throw ValidationError("--interleave must be positive, got \(interleave)") }
     }
 
     func run() throws {
@@ -39,7 +42,12 @@ struct Bench: ParsableCommand {
             sync.apply(to: &o)
             o.ranksOnThisMachine = ranksOnThisMachine(comm)
             o.initWeights = common.initWeights
+            if interleave != nil {
+                if comm.size > 1 && c.parallel.towers > 1 { throw ValidationError("--interleave compares data-parallel replicas with the ranks training apart: it needs parallel.towers 1 (--towers 1), got \(c.parallel.towers)") }
+                if c.batchSize % comm.size != 0 { throw ValidationError("--interleave gives each of the \(comm.size) ranks an even share of the batch apart: --batch-size must be a multiple of \(comm.size), got \(c.batchSize)") }
+            }
             let trainer = try Trainer(config: c, comm: comm, data: data, options: o)
+            let apart = try interleave.map { _ in try apartTrainer(config: c, synced: trainer, worldSize: comm.size, data: data, initWeights: common.initWeights) }
             let net = trainer.net, graph = trainer.graph
             let profile = UnsafeMutablePointer<Double>.allocate(capacity: 2 * graph.nodes.count)
             defer { profile.deallocate() }
@@ -52,6 +60,9 @@ struct Bench: ParsableCommand {
                 }
             }
             try runSteps(warmup, nil)
+            if let apart {
+                for s in 0..<warmup { _ = try apart.step(epoch: 0, start: (s % perEpoch) * apart.config.batchSize, globalCount: apart.config.batchSize, step: s, lr: 1e-4) }
+            }
             profile.update(repeating: 0, count: 2 * graph.nodes.count)
             trainer.resetShareCounts()
             let recorder = trace.map { _ in trainer.startTrace(steps: steps) }
@@ -60,10 +71,18 @@ struct Bench: ParsableCommand {
             let busy0 = trainer.sync.allreduceSeconds
             let slowest0 = trainer.sync.slowestRankSeconds
             let gradientWait0 = trainer.sync.waitSeconds
-            let t0 = Clock.now
-            try runSteps(steps, timing)
-            try comm.barrier()
-            let elapsed = Clock.now - t0
+            var interleaved: InterleavedResult?
+            let elapsed: Double
+            if let apart, let interleave {
+                let r = try runInterleaved(synced: trainer, apart: apart, comm: comm, steps: steps, k: interleave, globalBatch: c.batchSize, timing: timing)
+                interleaved = r
+                elapsed = r.syncedSeconds
+            } else {
+                let t0 = Clock.now
+                try runSteps(steps, timing)
+                try comm.barrier()
+                elapsed = Clock.now - t0
+            }
             // The allreduces themselves (overlap: on the sync thread, including waiting for the other ranks to release a bucket,
             // and the last bucket on the training thread).
             let allreduceMs = 1000 * (trainer.sync.allreduceSeconds - busy0) / Double(steps)
@@ -95,6 +114,11 @@ struct Bench: ParsableCommand {
             print(String(format: "%@: %d steps of batch %d, %d rank(s) x %d thread(s): %@ img/s (%.3f ms/step)",
                          c.source, steps, c.batchSize, comm.size, trainer.threads, formatCount(images / elapsed), 1000 * elapsed / Double(steps)))
             print("BLAS: OpenBLAS, \(BLAS.core) kernels" + (getenv("OPENBLAS_CORETYPE") != nil ? " (OPENBLAS_CORETYPE)" : ""))
+            if let r = interleaved, let interleave {
+                print(String(format: "interleaved (%d blocks of %d synced steps, each beside as long apart): synced %@ img/s, the ranks apart %@ img/s (%@), synced / apart %.1f%%",
+                             r.blocks, interleave, formatCount(images / elapsed), formatCount(r.apartImagesPerSecond),
+                             r.apartPerRank.map { formatCount($0) }.joined(separator: " + "), 100 * images / elapsed / r.apartImagesPerSecond))
+            }
             if let trace { print("trace: " + (comm.size > 1 ? "\(trace).rank0 .. \(trace).rank\(comm.size - 1)" : trace)) }
             print(names.map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
             if trainer.sync.active {
@@ -140,7 +164,7 @@ struct Bench: ParsableCommand {
                     "tags": tagDictionary(tag),
                     "ranks": perRank.enumerated().map { r, v in
                         ["rank": r, "phases_ms": Dictionary(uniqueKeysWithValues: zip(names, v)), "allreduce_ms": v[5], "wait_for_slowest_rank_ms": v[6], "gradient_wait_ms": v[7]] as [String: Any] },
-                ]
+                ].merging(interleaved.map { ["interleaved": $0.json(syncedImagesPerSecond: images / elapsed, k: interleave!)] } ?? [:]) { a, _ in a }
                 let d = try JSONSerialization.data(withJSONObject: result, options: [.prettyPrinted, .sortedKeys])
                 try writeAtomically(d, to: json)
             }
