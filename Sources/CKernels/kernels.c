@@ -807,6 +807,15 @@ int tandem_wide_kernels_available(void) {
     return w;
 }
 
+const char *tandem_blas_coretype_for_cpu(void) {
+#if defined(__x86_64__) && (defined(__clang__) || defined(__GNUC__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return "SkylakeX";
+    if (__builtin_cpu_supports("x86-64-v3")) return "Haswell";
+#endif
+    return 0;
+}
+
 // Whether the tiles now run wide: available, and not turned off by tandem_cv_set_wide (-1: not set yet,
 // then the same as available; set only from -1 or by tandem_cv_set_wide, so that a first call racing
 // with tandem_cv_set_wide cannot undo it).

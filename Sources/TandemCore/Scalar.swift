@@ -1,6 +1,8 @@
 // The element type of Tandem's tensors. Training runs in Float32; the gradient checker runs the very
 // same kernels in Float64, where finite differences are trustworthy next to ReLU and max-pool kinks.
 import CBLAS
+import CKernels
+import Foundation
 import RealModule
 
 /// A floating-point type the compute core can run on: Float for training, Double for checking.
@@ -54,6 +56,25 @@ public enum BLAS {
     /// pick for the CPU, or OPENBLAS_CORETYPE's, which Tandem leaves as the user set it (some
     /// machines set it to Haswell on AVX-512 CPUs whose AVX-512 kernels older OpenBLAS gets wrong).
     public static var core: String { openblas_get_corename().map { String(cString: $0) } ?? "unknown" }
+
+    /// The kernels to run instead of OpenBLAS's own pick, when it took this CPU for one without AVX2:
+    /// OpenBLAS 0.3.21 does not know Intel's family 6 model 207 (Emerald Rapids, AVX-512) and runs its
+    /// Prescott (SSE3) kernels there, which made a LeNet-5 step 1.3x as long as with SkylakeX's. Nil
+    /// when OPENBLAS_CORETYPE is set (the user's choice stands), when OpenBLAS's pick uses AVX2 already,
+    /// or when the CPU has no AVX2 + FMA either.
+    public static var betterCore: String? {
+        guard getenv("OPENBLAS_CORETYPE") == nil, let better = tandem_blas_coretype_for_cpu() else { return nil }
+        return withoutAVX2.contains(core.lowercased()) ? String(cString: better) : nil
+    }
+
+    /// OpenBLAS's x86 kernel sets that do not use AVX2 (its names, lower-cased).
+    static let withoutAVX2: Set<String> = ["katmai", "coppermine", "northwood", "prescott", "banias", "core2", "penryn", "dunnington",
+                                           "nehalem", "atom", "opteron", "opteron_sse3", "barcelona", "bobcat", "sandybridge",
+                                           "bulldozer", "piledriver", "nano", "unknown"]
+
+    /// Environment variable through which `trainer` tells itself, once started again with
+    /// OPENBLAS_CORETYPE set to `betterCore`, what OpenBLAS had picked by itself.
+    public static let replacedCoreVariable = "TANDEM_OPENBLAS_PICKED"
 }
 
 /// Allocates `count` zeroed elements, 64-byte aligned; the caller owns the memory.

@@ -113,7 +113,7 @@ struct Bench: ParsableCommand {
             let oversubscribed = o.ranksOnThisMachine * trainer.threads > cores
             print(String(format: "%@: %d steps of batch %d, %d rank(s) x %d thread(s): %@ img/s (%.3f ms/step)",
                          c.source, steps, c.batchSize, comm.size, trainer.threads, formatCount(images / elapsed), 1000 * elapsed / Double(steps)))
-            print("BLAS: OpenBLAS, \(BLAS.core) kernels" + (getenv("OPENBLAS_CORETYPE") != nil ? " (OPENBLAS_CORETYPE)" : ""))
+            print("BLAS: OpenBLAS, \(BLAS.core) kernels" + blasNote)
             if let r = interleaved, let interleave {
                 print(String(format: "interleaved (%d blocks of %d synced steps, each beside as long apart): synced %@ img/s, the ranks apart %@ img/s (%@), synced / apart %.1f%%",
                              r.blocks, interleave, formatCount(images / elapsed), formatCount(r.apartImagesPerSecond),
@@ -160,7 +160,7 @@ struct Bench: ParsableCommand {
                     "transport": trainer.sync.transportName, "balance": trainer.balancing, "dynamic": trainer.dynamic, "head_fraction": trainer.dynamic ? trainer.headFraction : 0, "shares": trainer.shares, "wait_for_slowest_rank_ms": slowestMs, "gradient_wait_ms": gradientWaitMs,
                     "allreduce_ms": allreduceMs, "buckets": trainer.sync.buckets.count,
                     "replicas": trainer.replicas, "towers": trainer.towers, "local_batch": trainer.localBatch,
-                    "blas_core": BLAS.core, "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,
+                    "blas_core": BLAS.core, "blas_openblas_pick": getenv(BLAS.replacedCoreVariable).map { String(cString: $0) } ?? BLAS.core, "cores": cores, "ranks_on_this_machine": o.ranksOnThisMachine, "oversubscribed": oversubscribed,
                     "tags": tagDictionary(tag),
                     "ranks": perRank.enumerated().map { r, v in
                         ["rank": r, "phases_ms": Dictionary(uniqueKeysWithValues: zip(names, v)), "allreduce_ms": v[5], "wait_for_slowest_rank_ms": v[6], "gradient_wait_ms": v[7]] as [String: Any] },
@@ -170,6 +170,12 @@ struct Bench: ParsableCommand {
             }
         }
     }
+}
+
+/// Why OpenBLAS runs the kernels it runs, for bench's BLAS line: "" for its own pick.
+var blasNote: String {
+    if let picked = getenv(BLAS.replacedCoreVariable) { return " (set by Tandem: OpenBLAS picked \(String(cString: picked)), without AVX2, for this CPU)" }
+    return getenv("OPENBLAS_CORETYPE") != nil ? " (OPENBLAS_CORETYPE)" : ""
 }
 
 /// `--tag key=value` options as a dictionary (a later key wins).

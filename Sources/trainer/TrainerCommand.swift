@@ -61,6 +61,21 @@ struct TrainerCommand: ParsableCommand {
         discussion: "With no subcommand, trains the default model (LeNet-5 with batch norm on Fashion-MNIST). Run it under `mpirun -np N trainer` for N data-parallel replicas.",
         subcommands: [Train.self, Debug.self, Bench.self, Export.self, BenchAllreduce.self, BenchReport.self, BenchLockstep.self],
         defaultSubcommand: Train.self)
+
+    static func main() {
+        // OpenBLAS picks its kernels as it loads, before any of this runs. Where it took the CPU for
+        // one without AVX2 (a CPU newer than it), start this program again, same process and
+        // arguments (under mpirun the same rank), with OPENBLAS_CORETYPE set to kernels the CPU runs.
+        if let better = BLAS.betterCore {
+            setenv(BLAS.replacedCoreVariable, BLAS.core, 1)
+            setenv("OPENBLAS_CORETYPE", better, 1)
+            execv("/proc/self/exe", CommandLine.unsafeArgv)
+            // The exec failed: carry on with OpenBLAS's own kernels.
+            unsetenv("OPENBLAS_CORETYPE")
+            unsetenv(BLAS.replacedCoreVariable)
+        }
+        Self.main(nil)
+    }
 }
 
 /// The world of this process once made (errors are reported and the job ended through it).

@@ -135,6 +135,55 @@ struct MPITests {
         #expect(o["transport"] as? String == "shared memory" && o["wait_for_slowest_rank_ms"] is Double)
     }
 
+    @Test func interleavedBenchMeasuresTheJobBesideItsRanksApart() throws {
+        let json = temporaryFolder() + "/bench.json"
+        let r = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--batch-size", "32", "--warmup", "1", "--steps", "7", "--interleave", "3", "--json", json])
+        #expect(r.status == 0, "\(r.error)")
+        #expect(r.output.contains("interleaved (3 blocks of 3 synced steps"), "\(r.output)")
+        let o = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any])
+        let i = try #require(o["interleaved"] as? [String: Any], "\(o)")
+        #expect(i["blocks"] as? Int == 3 && i["steps_per_block"] as? Int == 3)
+        let job = try #require(o["images_per_second"] as? Double), synced = try #require(i["synced_images_per_second"] as? Double)
+        let apart = try #require(i["apart_per_rank"] as? [Double]), steps = try #require(i["apart_steps"] as? [Int])
+        #expect(synced == job && job > 0)
+        // Each rank steps apart at least once per block, and the job's rate is the two ranks' sum's share.
+        #expect(apart.count == 2 && apart.allSatisfy { $0 > 0 } && steps.count == 2 && steps.allSatisfy { $0 >= 3 }, "\(i)")
+        let ratio = try #require(i["synced_over_apart"] as? Double)
+        #expect(abs(ratio - job / apart.reduce(0, +)) < 1e-9 * ratio)
+        // What cannot be interleaved: towers, and a batch the ranks cannot share evenly apart.
+        for (args, fragment) in [(["--towers", "2"], "--interleave compares data-parallel replicas"),
+                                 (["--batch-size", "33", "--balance"], "--batch-size must be a multiple of 2"),
+                                 (["--interleave", "0"], "--interleave must be positive")] {
+            let bad = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--batch-size", "32", "--steps", "2", "--interleave", "2"] + args, timeout: 30)
+            #expect(bad.status != 0 && bad.seconds < 10, "\(args): status \(bad.status), \(bad.seconds) s")
+            #expect((bad.error + bad.output).contains(fragment), "\(args): \(bad.error)")
+        }
+    }
+
+    @Test func benchRunsKernelsWithAVX2WhereOpenBLASPickedOlderOnes() throws {
+        // OpenBLAS 0.3.21 takes CPUs newer than it for a Prescott (SSE3); the trainer then starts
+        // again with OPENBLAS_CORETYPE set to kernels the CPU runs. A user's OPENBLAS_CORETYPE stands.
+        let withoutAVX2: Set<String> = ["katmai", "coppermine", "northwood", "prescott", "banias", "core2", "penryn", "dunnington",
+                                        "nehalem", "atom", "opteron", "opteron_sse3", "barcelona", "bobcat", "sandybridge",
+                                        "bulldozer", "piledriver", "nano", "unknown"]
+        let json = temporaryFolder() + "/bench.json"
+        let cpuHasAVX2 = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?.contains(" avx2 ") ?? false
+        for user in [nil, "Prescott"] as [String?] {
+            let r = try run("/usr/bin/env", ["-u", "OPENBLAS_CORETYPE"] + (user.map { ["OPENBLAS_CORETYPE=\($0)"] } ?? []) +
+                            [trainerBinary, "bench", "--config", try smallConfig(), "--synthetic", "--threads", "1", "--warmup", "1", "--steps", "2", "--json", json])
+            #expect(r.status == 0, "\(r.error)")
+            let o = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any])
+            let core = try #require(o["blas_core"] as? String), picked = try #require(o["blas_openblas_pick"] as? String)
+            if let user {
+                #expect(core == user && picked == user && r.output.contains("\(user) kernels (OPENBLAS_CORETYPE)"), "\(r.output)")
+            } else if withoutAVX2.contains(picked.lowercased()) && cpuHasAVX2 {
+                #expect(["SkylakeX", "Haswell"].contains(core) && r.output.contains("(set by Tandem: OpenBLAS picked \(picked)"), "\(core) \(picked): \(r.output)")
+            } else {
+                #expect(core == picked, "\(core) \(picked)")
+            }
+        }
+    }
+
     /// One process, then `mpirun -np 2` with `options` and rank 1 sleeping `slowMicros` per sample
     /// after each backward (TestHooks): checks that both ran and trained the same 12 steps, and
     /// returns the 2-rank run's and the single process's summary.json.

@@ -167,6 +167,10 @@ static inline void tandem_cpu_relax(void) {
 /// built then also take a convolution's input gradient as a convolution of dy where it fits.
 int tandem_wide_kernels_available(void);
 
+/// The OpenBLAS kernels (an OPENBLAS_CORETYPE name) this CPU's vector units run: "SkylakeX" with
+/// x86-64-v4 (AVX-512 F, BW, DQ, VL), "Haswell" with x86-64-v3 (AVX2, FMA), otherwise NULL.
+const char *tandem_blas_coretype_for_cpu(void);
+
 /// C[m][n] = A^T B for A stored k x m (row stride lda) and B k x n (ldb), k <= 16, with the 16-wide
 /// tiles: returns 1, or 0 (nothing written) where they are not available or k is out of range. Each
 /// output sums its k products in order, fused; for a convolution's input gradient with at most 16
