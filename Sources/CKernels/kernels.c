@@ -705,6 +705,103 @@ int tandem_gemm_tn_smallk_f32(float *restrict c, const float *restrict a, const 
     return 0;
 }
 
+#if TANDEM_WIDE
+// Fully connected forward in 16 lanes: each output y[b][j] is one dot product of x's row b and W's row j,
+// lane l summing the products l, l + 16, ... (the tail masked to zeros) in fused multiply-adds, then the
+// lanes summed by _mm512_reduce_add_ps; 4 samples x 4 outputs per tile, W streamed once per 4 samples.
+// Nothing is packed. A sample's outputs have the same bits whatever m is, so chunks of any size agree.
+static TANDEM_AVX512 void linear_forward_wide(float *restrict y, const float *restrict x, const float *restrict w,
+                                              const float *restrict bias, long m, long n, long k) {
+    const long kv = k / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (k - kv)) - 1);
+    for (long b0 = 0; b0 < m; b0 += 4) {
+        const long rb = lmin(4, m - b0);
+        const float *xr[4];
+        for (int i = 0; i < 4; i++) xr[i] = x + (b0 + (i < rb ? i : 0)) * k;
+        for (long j0 = 0; j0 < n; j0 += 4) {
+            const long rj = lmin(4, n - j0);
+            const float *wr[4];
+            for (int j = 0; j < 4; j++) wr[j] = w + (j0 + (j < rj ? j : 0)) * k;
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+            for (long p = 0; p < kv; p += 16) {
+                __m512 xv[4], wv[4];
+                for (int i = 0; i < 4; i++) xv[i] = _mm512_loadu_ps(xr[i] + p);
+                for (int j = 0; j < 4; j++) wv[j] = _mm512_loadu_ps(wr[j] + p);
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]);
+            }
+            if (tail) {
+                __m512 xv[4], wv[4];
+                for (int i = 0; i < 4; i++) xv[i] = _mm512_maskz_loadu_ps(tail, xr[i] + kv);
+                for (int j = 0; j < 4; j++) wv[j] = _mm512_maskz_loadu_ps(tail, wr[j] + kv);
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]);
+            }
+            for (long i = 0; i < rb; i++)
+                for (long j = 0; j < rj; j++)
+                    y[(b0 + i) * n + j0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[j0 + j] : 0.0f);
+        }
+    }
+}
+
+// Fully connected input gradient in 16 lanes: dx[b][c] = sum over j = 0, 1, ..., n - 1 of dy[b][j] W[j][c],
+// in that order, fused; 6 samples x 64 columns per tile, W's rows read in place (nothing packed). A
+// sample's gradient has the same bits whatever m is.
+static TANDEM_AVX512 void linear_input_grad_wide(float *restrict dx, const float *restrict dy, const float *restrict w,
+                                                 long m, long n, long k) {
+    for (long b0 = 0; b0 < m; b0 += 6) {
+        const long rb = lmin(6, m - b0);
+        const float *dr[6];
+        for (int i = 0; i < 6; i++) dr[i] = dy + (b0 + (i < rb ? i : 0)) * n;
+        for (long c0 = 0; c0 < k; c0 += 64) {
+            __mmask16 mask[4];
+            for (int v = 0; v < 4; v++) {
+                const long left = k - c0 - 16 * v;
+                mask[v] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            }
+            __m512 acc[6][4];
+            for (int i = 0; i < 6; i++)
+                for (int v = 0; v < 4; v++) acc[i][v] = _mm512_setzero_ps();
+            for (long j = 0; j < n; j++) {
+                __m512 wv[4];
+                for (int v = 0; v < 4; v++) wv[v] = _mm512_maskz_loadu_ps(mask[v], w + j * k + c0 + 16 * v);
+                for (int i = 0; i < 6; i++) {
+                    const __m512 d = _mm512_set1_ps(dr[i][j]);
+                    for (int v = 0; v < 4; v++) acc[i][v] = _mm512_fmadd_ps(d, wv[v], acc[i][v]);
+                }
+            }
+            for (long i = 0; i < rb; i++)
+                for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(dx + (b0 + i) * k + c0 + 16 * v, mask[v], acc[i][v]);
+        }
+    }
+}
+#endif
+
+int tandem_linear_forward_f32(float *restrict y, const float *restrict x, const float *restrict w, const float *restrict bias,
+                              long m, long n, long k) {
+#if TANDEM_WIDE
+    if (tandem_wide_kernels_available()) {
+        linear_forward_wide(y, x, w, bias, m, n, k);
+        return 1;
+    }
+#endif
+    (void)y; (void)x; (void)w; (void)bias; (void)m; (void)n; (void)k;
+    return 0;
+}
+
+int tandem_linear_input_grad_f32(float *restrict dx, const float *restrict dy, const float *restrict w, long m, long n, long k) {
+#if TANDEM_WIDE
+    if (tandem_wide_kernels_available()) {
+        linear_input_grad_wide(dx, dy, w, m, n, k);
+        return 1;
+    }
+#endif
+    (void)dx; (void)dy; (void)w; (void)m; (void)n; (void)k;
+    return 0;
+}
+
 void tandem_cv_transposed_weights_f32(float *restrict wt, const float *restrict w, long outC, TandemConvShape s) {
     const long G = cv_groups(s), outGroup = outC / G, KK = s.kH * s.kW, Kt = outGroup * KK, OCp = tandem_cv_channels(s.inGroup);
     for (long g = 0; g < G; g++)

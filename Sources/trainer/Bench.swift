@@ -59,11 +59,16 @@ struct Bench: ParsableCommand {
                     _ = try trainer.step(epoch: 0, start: (s % perEpoch) * c.batchSize, globalCount: c.batchSize, step: s, lr: 1e-4, timing: timing)
                 }
             }
+            // With --interleave, the trainer apart's own per-layer times (its steps are counted by the interleaved run).
+            let apartProfile = UnsafeMutablePointer<Double>.allocate(capacity: 2 * graph.nodes.count)
+            defer { apartProfile.deallocate() }
             try runSteps(warmup, nil)
             if let apart {
                 for s in 0..<warmup { _ = try apart.step(epoch: 0, start: (s % perEpoch) * apart.config.batchSize, globalCount: apart.config.batchSize, step: s, lr: 1e-4) }
             }
             profile.update(repeating: 0, count: 2 * graph.nodes.count)
+            apartProfile.update(repeating: 0, count: 2 * graph.nodes.count)
+            apart?.net.profile = apartProfile
             trainer.resetShareCounts()
             let recorder = trace.map { _ in trainer.startTrace(steps: steps) }
             try comm.barrier()
@@ -118,6 +123,8 @@ struct Bench: ParsableCommand {
                 print(String(format: "interleaved (%d blocks of %d synced steps, each beside as long apart): synced %@ img/s, the ranks apart %@ img/s (%@), synced / apart %.1f%%",
                              r.blocks, interleave, formatCount(images / elapsed), formatCount(r.apartImagesPerSecond),
                              r.apartPerRank.map { formatCount($0) }.joined(separator: " + "), 100 * images / elapsed / r.apartImagesPerSecond))
+                print("apart (ms per step): " + r.apartPhases.enumerated().map { q, v in
+                    String(format: "rank %d data %.3f forward+backward %.3f finite check %.3f optimizer %.3f", q, v[0], v[1], v[2], v[3]) }.joined(separator: "; "))
             }
             if let trace { print("trace: " + (comm.size > 1 ? "\(trace).rank0 .. \(trace).rank\(comm.size - 1)" : trace)) }
             print(names.map { String(format: "%@ %.3f ms", $0, phases[$0]!) }.joined(separator: ", "))
@@ -135,7 +142,8 @@ struct Bench: ParsableCommand {
             }
             if perLayer {
                 let local = Double(c.batchSize / comm.size) / Double(trainer.threads)
-                print(pad("layer", 10) + " " + pad("type", 14) + "    fwd ms   GFLOP/s     bwd ms   GFLOP/s" + String(format: "   (part 0: %.0f images per step)", local))
+                let apartSteps = Double(interleaved.map { $0.apartSteps[comm.rank] } ?? 0)
+                print(pad("layer", 10) + " " + pad("type", 14) + "    fwd ms   GFLOP/s     bwd ms   GFLOP/s" + (apartSteps > 0 ? "  apart fwd  apart bwd" : "") + String(format: "   (part 0: %.0f images per step)", local))
                 for node in graph.nodes.dropFirst() {
                     let f = profile[2 * node.index] / Double(steps), b = profile[2 * node.index + 1] / Double(steps)
                     let flops = Double(node.flopsPerSample) * local
@@ -148,7 +156,8 @@ struct Bench: ParsableCommand {
                     let backward = trainer.net.pooledReLUs.contains(node.index)
                         ? " " + padLeft("in " + graph.nodes[graph.consumers[node.index][0]].name, 20)
                         : String(format: " %10.3f %9.2f", 1000 * b, bflops / max(b, 1e-12) / 1e9)
-                    print(pad(node.name, 10) + " " + pad(node.kind!.typeName, 14) + " " + forward + backward)
+                    let apartColumns = apartSteps > 0 ? String(format: " %10.3f %10.3f", 1000 * apartProfile[2 * node.index] / apartSteps, 1000 * apartProfile[2 * node.index + 1] / apartSteps) : ""
+                    print(pad(node.name, 10) + " " + pad(node.kind!.typeName, 14) + " " + forward + backward + apartColumns)
                 }
             }
             if let json {

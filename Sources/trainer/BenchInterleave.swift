@@ -19,12 +19,15 @@ struct InterleavedResult {
     var blocks: Int
     /// Per rank, steps taken apart.
     var apartSteps: [Int]
+    /// Per rank, ms per step apart: data, forward and backward, the rest (finite check), optimizer.
+    var apartPhases: [[Double]]
 
     var apartImagesPerSecond: Double { apartPerRank.reduce(0, +) }
 
     func json(syncedImagesPerSecond: Double, k: Int) -> [String: Any] {
         ["steps_per_block": k, "blocks": blocks, "synced_images_per_second": syncedImagesPerSecond,
          "apart_images_per_second": apartImagesPerSecond, "apart_per_rank": apartPerRank, "apart_steps": apartSteps,
+         "apart_phases_ms": apartPhases.map { Dictionary(uniqueKeysWithValues: zip(["data", "compute", "rest", "optimizer"], $0)) },
          "synced_over_apart": syncedImagesPerSecond / apartImagesPerSecond]
     }
 }
@@ -37,6 +40,8 @@ func apartTrainer(config c: TrainConfig, synced: Trainer, worldSize: Int, data: 
     a.parallel.towers = 1
     a.parallel.balance = false
     a.parallel.dynamic = false
+    a.parallel.head = 0
+    a.parallel.chunk = 0
     a.parallel.syncBN = false
     a.parallel.threads = synced.threads
     var o = RunOptions()
@@ -53,6 +58,7 @@ func runInterleaved(synced: Trainer, apart: Trainer, comm: Communicator, steps: 
     let perEpoch = max(1, synced.data.train.count / globalBatch), apartPerEpoch = max(1, apart.data.train.count / share)
     var syncedTime = 0.0, apartTime = 0.0, last = 0.0
     var done = 0, apartDone = 0, blocks = 0
+    let apartTiming = StepTiming()
     func syncedBlock(_ n: Int) throws {
         try comm.barrier()
         let t0 = Clock.now
@@ -69,7 +75,7 @@ func runInterleaved(synced: Trainer, apart: Trainer, comm: Communicator, steps: 
         var t = t0
         repeat {
             let s = apartDone + comm.rank * apartPerEpoch / max(1, comm.size)
-            _ = try apart.step(epoch: 0, start: (s % apartPerEpoch) * share, globalCount: share, step: apartDone, lr: 1e-4)
+            _ = try apart.step(epoch: 0, start: (s % apartPerEpoch) * share, globalCount: share, step: apartDone, lr: 1e-4, timing: apartTiming)
             apartDone += 1
             t = Clock.now
         } while t - t0 < last
@@ -87,13 +93,16 @@ func runInterleaved(synced: Trainer, apart: Trainer, comm: Communicator, steps: 
         blocks += 1
     }
     try comm.barrier()
-    var mine = [syncedTime, apartTime, Double(apartDone)]
-    var all = [Double](repeating: 0, count: 3 * comm.size)
+    let n = 7
+    let perStep = 1000 / Double(max(1, apartDone))
+    var mine = [syncedTime, apartTime, Double(apartDone)] + [apartTiming.data, apartTiming.compute, apartTiming.allreduce, apartTiming.optimizer].map { $0 * perStep }
+    var all = [Double](repeating: 0, count: n * comm.size)
     try mine.withUnsafeMutableBytes { m in
         try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: m.count, into: a.baseAddress!) }
     }
     let ranks = 0..<comm.size
-    return InterleavedResult(syncedSeconds: ranks.map { all[3 * $0] }.max()!,
-                             apartPerRank: ranks.map { all[3 * $0 + 2] * Double(share) / all[3 * $0 + 1] },
-                             blocks: blocks, apartSteps: ranks.map { Int(all[3 * $0 + 2]) })
+    return InterleavedResult(syncedSeconds: ranks.map { all[n * $0] }.max()!,
+                             apartPerRank: ranks.map { all[n * $0 + 2] * Double(share) / all[n * $0 + 1] },
+                             blocks: blocks, apartSteps: ranks.map { Int(all[n * $0 + 2]) },
+                             apartPhases: ranks.map { Array(all[(n * $0 + 3)..<(n * $0 + n)]) })
 }

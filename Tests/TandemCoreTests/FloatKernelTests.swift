@@ -233,3 +233,31 @@ func pooledReLUBackwardGivesTheBitsOfReLUThenPool(kernel: Int, stride: Int, pad:
         #expect(check(Double.self, keepXhat: keep), "Double, xhat \(keep)")
     }
 }
+
+@Test(arguments: [(1, 400, 120), (3, 400, 120), (5, 120, 84), (17, 37, 10), (32, 400, 120), (7, 16, 5), (6, 65, 130)])
+func wideLinearKernelsMatchDoubleAndDoNotDependOnTheRows(m: Int, k: Int, n: Int) throws {
+    // The 16-wide fully connected forward and input gradient (parallel.dynamic's chunks): close to
+    // the products in Double, with every tile's row and column tails, and each sample's outputs
+    // bit for bit the same as when it is computed alone (a chunk of one).
+    let x = values(m * k, seed: 31, zeros: true).map { Float($0) }, w = values(n * k, seed: 32, zeros: false).map { Float($0) }
+    let bias = values(n, seed: 33, zeros: false).map { Float($0) }, dy = values(m * n, seed: 34, zeros: false).map { Float($0) }
+    var y = [Float](repeating: .nan, count: m * n), dx = [Float](repeating: .nan, count: m * k)
+    guard tandem_linear_forward_f32(&y, x, w, bias, m, n, k) != 0 else { return }   // no AVX-512 here: OpenBLAS runs them
+    #expect(tandem_linear_input_grad_f32(&dx, dy, w, m, n, k) != 0)
+    for b in 0..<m {
+        for j in 0..<n {
+            var s = Double(bias[j])
+            for p in 0..<k { s += Double(x[b * k + p]) * Double(w[j * k + p]) }
+            #expect(abs(Double(y[b * n + j]) - s) <= 1e-5 * Double(k), "y[\(b)][\(j)] \(y[b * n + j]) vs \(s)")
+        }
+        for c in 0..<k {
+            var s = 0.0
+            for j in 0..<n { s += Double(dy[b * n + j]) * Double(w[j * k + c]) }
+            #expect(abs(Double(dx[b * k + c]) - s) <= 1e-5 * Double(n), "dx[\(b)][\(c)] \(dx[b * k + c]) vs \(s)")
+        }
+        var y1 = [Float](repeating: .nan, count: n), dx1 = [Float](repeating: .nan, count: k)
+        _ = tandem_linear_forward_f32(&y1, Array(x[(b * k)..<((b + 1) * k)]), w, bias, 1, n, k)
+        _ = tandem_linear_input_grad_f32(&dx1, Array(dy[(b * n)..<((b + 1) * n)]), w, 1, n, k)
+        #expect(y1 == Array(y[(b * n)..<((b + 1) * n)]) && dx1 == Array(dx[(b * k)..<((b + 1) * k)]), "sample \(b) of \(m)")
+    }
+}

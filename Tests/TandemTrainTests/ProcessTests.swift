@@ -137,12 +137,12 @@ struct MPITests {
 
     @Test func interleavedBenchMeasuresTheJobBesideItsRanksApart() throws {
         let json = temporaryFolder() + "/bench.json"
-        let r = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--batch-size", "32", "--warmup", "1", "--steps", "7", "--interleave", "3", "--json", json])
+        let r = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--batch-size", "32", "--warmup", "1", "--steps", "7", "--interleave", "3", "--dynamic", "--head", "0.5", "--chunk", "8", "--json", json])
         #expect(r.status == 0, "\(r.error)")
         #expect(r.output.contains("interleaved (3 blocks of 3 synced steps"), "\(r.output)")
         let o = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any])
         let i = try #require(o["interleaved"] as? [String: Any], "\(o)")
-        #expect(i["blocks"] as? Int == 3 && i["steps_per_block"] as? Int == 3)
+        #expect(i["blocks"] as? Int == 3 && i["steps_per_block"] as? Int == 3 && o["dynamic"] as? Bool == true)
         let job = try #require(o["images_per_second"] as? Double), synced = try #require(i["synced_images_per_second"] as? Double)
         let apart = try #require(i["apart_per_rank"] as? [Double]), steps = try #require(i["apart_steps"] as? [Int])
         #expect(synced == job && job > 0)

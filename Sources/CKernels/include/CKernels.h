@@ -167,6 +167,15 @@ static inline void tandem_cpu_relax(void) {
 /// built then also take a convolution's input gradient as a convolution of dy where it fits.
 int tandem_wide_kernels_available(void);
 
+/// Fully connected forward y[m][n] = x[m][k] W[n][k]^T (+ bias[n]) with the 16-wide lanes, nothing packed:
+/// returns 1, or 0 (nothing written) where they are not available. Each output is one dot product whose
+/// bits do not depend on m (the same for a sample in a chunk of any size).
+int tandem_linear_forward_f32(float *y, const float *x, const float *w, const float *bias, long m, long n, long k);
+
+/// Fully connected input gradient dx[m][k] = dy[m][n] W[n][k] with the 16-wide lanes, nothing packed:
+/// returns 1, or 0 (nothing written) where they are not available; bits independent of m as above.
+int tandem_linear_input_grad_f32(float *dx, const float *dy, const float *w, long m, long n, long k);
+
 /// The OpenBLAS kernels (an OPENBLAS_CORETYPE name) this CPU's vector units run: "SkylakeX" with
 /// x86-64-v4 (AVX-512 F, BW, DQ, VL), "Haswell" with x86-64-v3 (AVX2, FMA), otherwise NULL.
 const char *tandem_blas_coretype_for_cpu(void);

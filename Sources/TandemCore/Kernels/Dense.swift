@@ -1,10 +1,24 @@
 // Fully connected layers, dropout, losses and the shape plumbing (concat, add), NCHW.
+import CKernels
+
+/// Products of at most this many rows (parallel.dynamic's chunks) take the C kernels' 16-wide fully
+/// connected forward and input gradient, which pack nothing: OpenBLAS 0.3.21's SkylakeX kernels pack
+/// all of W for each product, and LeNet-5's fc1 (400 -> 120) forward took 0.058-0.061 ms at 32 rows and
+/// 0.035-0.041 at 16 against 0.040-0.050 and 0.020 with these; at 64 rows OpenBLAS is as fast or faster
+/// (fc1 0.092-0.099 against 0.096-0.104 ms), and its results at full shares stay as they were.
+let wideLinearRows = 32
+/// The forward's dot products end in a sum across the 16 lanes per output; over fewer than this many
+/// inputs those sums cost more than they save (LeNet-5's fc2, 120 -> 84: 0.014-0.016 ms at 32 rows
+/// against OpenBLAS's 0.013-0.014).
+let wideLinearForwardInputs = 256
 
 /// Fully connected forward: y[n, out] = x[n, in] * W[out, in]^T + b.
 @_specialize(where T == Float)
 @_specialize(where T == Double)
 public func linearForward<T: Scalar>(_ y: UnsafeMutablePointer<T>, _ x: UnsafePointer<T>, weight: UnsafePointer<T>, bias: UnsafePointer<T>?,
                                      n: Int, inFeatures: Int, outFeatures: Int) {
+    if T.self == Float.self && n <= wideLinearRows && inFeatures >= wideLinearForwardInputs
+        && tandem_linear_forward_f32(floats(y), floats(x), floats(weight), bias.map(floats), n, outFeatures, inFeatures) != 0 { return }
     T.gemm(transA: false, transB: true, m: n, n: outFeatures, k: inFeatures,
            alpha: 1, a: x, lda: inFeatures, b: weight, ldb: inFeatures, beta: 0, c: y, ldc: outFeatures)
     if let bias {
@@ -37,6 +51,8 @@ public func linearBackward<T: Scalar>(_ dx: UnsafeMutablePointer<T>?, dWeight: U
 @_specialize(where T == Double)
 public func linearInputGradient<T: Scalar>(_ dx: UnsafeMutablePointer<T>, _ dy: UnsafePointer<T>, weight: UnsafePointer<T>,
                                            n: Int, inFeatures: Int, outFeatures: Int) {
+    if T.self == Float.self && n <= wideLinearRows
+        && tandem_linear_input_grad_f32(floats(dx), floats(dy), floats(weight), n, outFeatures, inFeatures) != 0 { return }
     T.gemm(transA: false, transB: false, m: n, n: inFeatures, k: outFeatures,
            alpha: 1, a: dy, lda: outFeatures, b: weight, ldb: inFeatures, beta: 0, c: dx, ldc: inFeatures)
 }
