@@ -1,7 +1,7 @@
 // Fully connected layers, dropout, losses and the shape plumbing (concat, add), NCHW.
 import CKernels
 
-/// Products of at most this many rows (parallel.dynamic's chunks) take the C kernels' 16-wide fully
+/// Products of at most this many rows (parallel.dynamic's chunks, a batch's parts on several threads) take the C kernels' 16-wide fully
 /// connected forward and input gradient, which pack nothing: OpenBLAS 0.3.21's SkylakeX kernels pack
 /// all of W for each product, and LeNet-5's fc1 (400 -> 120) forward took 0.058-0.061 ms at 32 rows and
 /// 0.035-0.041 at 16 against 0.040-0.050 and 0.020 with these; at 64 rows OpenBLAS is as fast or faster
