@@ -53,8 +53,9 @@ public enum BLAS {
     public static var threads: Int { Int(openblas_get_num_threads()) }
 
     /// The kernels OpenBLAS chose as it loaded (`openblas_get_corename`, e.g. "Haswell"): its own
-    /// pick for the CPU, or OPENBLAS_CORETYPE's, which Tandem leaves as the user set it (some
-    /// machines set it to Haswell on AVX-512 CPUs whose AVX-512 kernels older OpenBLAS gets wrong).
+    /// pick for the CPU, or OPENBLAS_CORETYPE's. A user's OPENBLAS_CORETYPE stands (some machines set
+    /// it to Haswell on AVX-512 CPUs whose AVX-512 kernels older OpenBLAS gets wrong); `trainer` sets it
+    /// itself only where OpenBLAS's own pick lacks AVX2 (`betterCore`).
     public static var core: String { openblas_get_corename().map { String(cString: $0) } ?? "unknown" }
 
     /// The kernels to run instead of OpenBLAS's own pick, when it took this CPU for one without AVX2:

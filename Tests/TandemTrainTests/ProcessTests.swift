@@ -2,6 +2,7 @@
 // with bad input, and in debug mode. Skipped with a message when the binary or mpirun is missing.
 import Foundation
 import Testing
+@testable import TandemCore
 
 let trainerBinary = packageRoot + "/.build/release/trainer"
 let hasTrainer = FileManager.default.isExecutableFile(atPath: trainerBinary)
@@ -163,9 +164,7 @@ struct MPITests {
     @Test func benchRunsKernelsWithAVX2WhereOpenBLASPickedOlderOnes() throws {
         // OpenBLAS 0.3.21 takes CPUs newer than it for a Prescott (SSE3); the trainer then starts
         // again with OPENBLAS_CORETYPE set to kernels the CPU runs. A user's OPENBLAS_CORETYPE stands.
-        let withoutAVX2: Set<String> = ["katmai", "coppermine", "northwood", "prescott", "banias", "core2", "penryn", "dunnington",
-                                        "nehalem", "atom", "opteron", "opteron_sse3", "barcelona", "bobcat", "sandybridge",
-                                        "bulldozer", "piledriver", "nano", "unknown"]
+        let withoutAVX2 = BLAS.withoutAVX2
         let json = temporaryFolder() + "/bench.json"
         let cpuHasAVX2 = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?.contains(" avx2 ") ?? false
         for user in [nil, "Prescott"] as [String?] {

@@ -1,11 +1,11 @@
 // Fully connected layers, dropout, losses and the shape plumbing (concat, add), NCHW.
 import CKernels
 
-/// Products of at most this many rows (parallel.dynamic's chunks, a batch's parts on several threads) take the C kernels' 16-wide fully
-/// connected forward and input gradient, which pack nothing: OpenBLAS 0.3.21's SkylakeX kernels pack
-/// all of W for each product, and LeNet-5's fc1 (400 -> 120) forward took 0.058-0.061 ms at 32 rows and
-/// 0.035-0.041 at 16 against 0.040-0.050 and 0.020 with these; at 64 rows OpenBLAS is as fast or faster
-/// (fc1 0.092-0.099 against 0.096-0.104 ms), and its results at full shares stay as they were.
+/// Products of at most this many rows (parallel.dynamic's chunks, a batch's parts on several threads)
+/// take the C kernels' 16-wide fully connected forward and input gradient, which pack nothing:
+/// OpenBLAS 0.3.21's SkylakeX kernels pack all of W for each product, and LeNet-5's fc1 (400 -> 120)
+/// forward took 0.058-0.061 ms at 32 rows and 0.035-0.041 at 16 against 0.040-0.050 and 0.020 with
+/// these; from 64 rows on OpenBLAS is as fast or faster (fc1 0.092-0.099 against 0.096-0.104 ms).
 let wideLinearRows = 32
 /// The forward's dot products end in a sum across the 16 lanes per output; over fewer than this many
 /// inputs those sums cost more than they save (LeNet-5's fc2, 120 -> 84: 0.014-0.016 ms at 32 rows
