@@ -107,12 +107,7 @@ struct Bench: ParsableCommand {
             // Every rank's phases, gathered to all (rank 0 reports them): where the ranks differ, the
             // faster one waits for the slower one after backward.
             let names = ["data", "forward", "backward", "allreduce_wait", "optimizer"]
-            var mine = names.map { phases[$0]! } + [allreduceMs, slowestMs, gradientWaitMs]
-            var all = [Double](repeating: 0, count: mine.count * comm.size)
-            try mine.withUnsafeMutableBytes { m in
-                try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: m.count, into: a.baseAddress!) }
-            }
-            let perRank = (0..<comm.size).map { r in Array(all[(r * mine.count)..<((r + 1) * mine.count)]) }
+            let perRank = try fromEveryRank(names.map { phases[$0]! } + [allreduceMs, slowestMs, gradientWaitMs], comm: comm)
             guard comm.rank == 0 else { return }
             let cores = ProcessInfo.processInfo.activeProcessorCount
             let oversubscribed = o.ranksOnThisMachine * trainer.threads > cores
@@ -179,6 +174,15 @@ struct Bench: ParsableCommand {
             }
         }
     }
+}
+
+/// Every rank's `values` (the same count on every rank), gathered to all, in rank order.
+func fromEveryRank(_ values: [Double], comm: Communicator) throws -> [[Double]] {
+    var all = [Double](repeating: 0, count: values.count * comm.size)
+    try values.withUnsafeBytes { m in
+        try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: m.count, into: a.baseAddress!) }
+    }
+    return (0..<comm.size).map { r in Array(all[(r * values.count)..<((r + 1) * values.count)]) }
 }
 
 /// Why OpenBLAS runs the kernels it runs, for bench's BLAS line: "" for its own pick.

@@ -93,16 +93,9 @@ func runInterleaved(synced: Trainer, apart: Trainer, comm: Communicator, steps: 
         blocks += 1
     }
     try comm.barrier()
-    let n = 7
     let perStep = 1000 / Double(max(1, apartDone))
-    var mine = [syncedTime, apartTime, Double(apartDone)] + [apartTiming.data, apartTiming.compute, apartTiming.allreduce, apartTiming.optimizer].map { $0 * perStep }
-    var all = [Double](repeating: 0, count: n * comm.size)
-    try mine.withUnsafeMutableBytes { m in
-        try all.withUnsafeMutableBytes { a in try comm.allgather(m.baseAddress!, bytes: m.count, into: a.baseAddress!) }
-    }
-    let ranks = 0..<comm.size
-    return InterleavedResult(syncedSeconds: ranks.map { all[n * $0] }.max()!,
-                             apartPerRank: ranks.map { all[n * $0 + 2] * Double(share) / all[n * $0 + 1] },
-                             blocks: blocks, apartSteps: ranks.map { Int(all[n * $0 + 2]) },
-                             apartPhases: ranks.map { Array(all[(n * $0 + 3)..<(n * $0 + n)]) })
+    let all = try fromEveryRank([syncedTime, apartTime, Double(apartDone)]
+                                + [apartTiming.data, apartTiming.compute, apartTiming.allreduce, apartTiming.optimizer].map { $0 * perStep }, comm: comm)
+    return InterleavedResult(syncedSeconds: all.map { $0[0] }.max()!, apartPerRank: all.map { $0[2] * Double(share) / $0[1] },
+                             blocks: blocks, apartSteps: all.map { Int($0[2]) }, apartPhases: all.map { Array($0[3...]) })
 }

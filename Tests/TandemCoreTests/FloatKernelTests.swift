@@ -236,7 +236,7 @@ func pooledReLUBackwardGivesTheBitsOfReLUThenPool(kernel: Int, stride: Int, pad:
 
 @Test(arguments: [(1, 400, 120), (3, 400, 120), (5, 120, 84), (17, 37, 10), (32, 400, 120), (7, 16, 5), (6, 65, 130)])
 func wideLinearKernelsMatchDoubleAndDoNotDependOnTheRows(m: Int, k: Int, n: Int) throws {
-    // The 16-wide fully connected forward and input gradient (parallel.dynamic's chunks): close to
+    // The 16-wide fully connected forward and input gradient (products of at most 32 samples): close to
     // the products in Double, with every tile's row and column tails, and each sample's outputs
     // bit for bit the same as when it is computed alone (a chunk of one).
     let x = values(m * k, seed: 31, zeros: true).map { Float($0) }, w = values(n * k, seed: 32, zeros: false).map { Float($0) }
