@@ -63,6 +63,15 @@ struct Bench: ParsableCommand {
             let apartProfile = UnsafeMutablePointer<Double>.allocate(capacity: 2 * graph.nodes.count)
             defer { apartProfile.deallocate() }
             try runSteps(warmup, nil)
+            // parallel.head auto: the tuning runs in the warm-up, as long as it takes (its steps are
+            // the job's own, at the candidates' heads); the timed steps run at the chosen one.
+            var tuningSteps = 0
+            if let tuner = trainer.headTuner {
+                while !tuner.done {
+                    _ = try trainer.step(epoch: 0, start: ((warmup + tuningSteps) % perEpoch) * c.batchSize, globalCount: c.batchSize, step: warmup + tuningSteps, lr: 1e-4)
+                    tuningSteps += 1
+                }
+            }
             if let apart {
                 for s in 0..<warmup { _ = try apart.step(epoch: 0, start: (s % perEpoch) * apart.config.batchSize, globalCount: apart.config.batchSize, step: s, lr: 1e-4) }
             }
@@ -131,6 +140,7 @@ struct Bench: ParsableCommand {
             }
             if trainer.balancing { print("balance: shares of the batch at the end " + trainer.shares.map(String.init).joined(separator: ", ")) }
             if trainer.dynamic { print(String(format: "dynamic: heads of %g of each replica's speed-balanced share (%d at even shares), then chunks of %d to %d; each replica took ", trainer.headFraction, trainer.headChunk, trainer.chunkBounds.min, trainer.chunkBounds.max) + trainer.shares.map(String.init).joined(separator: ", ") + " samples per step on average") }
+            if let summary = trainer.headTuningSummary { print(summary + ", in \(tuningSteps) steps after the warm-up") }
             if comm.size > 1 {
                 print("per rank (ms per step): " + perRank.enumerated().map { r, v in
                     String(format: "rank %d forward %.3f backward %.3f wait %.3f (gradients %.3f, slowest rank %.3f)", r, v[1], v[2], v[3], v[7], v[6]) }.joined(separator: "; "))
@@ -168,7 +178,9 @@ struct Bench: ParsableCommand {
                     "tags": tagDictionary(tag),
                     "ranks": perRank.enumerated().map { r, v in
                         ["rank": r, "phases_ms": Dictionary(uniqueKeysWithValues: zip(names, v)), "allreduce_ms": v[5], "wait_for_slowest_rank_ms": v[6], "gradient_wait_ms": v[7]] as [String: Any] },
-                ].merging(interleaved.map { ["interleaved": $0.json(syncedImagesPerSecond: images / elapsed, k: interleave!)] } ?? [:]) { a, _ in a }
+                ].merging(trainer.headTuner.map { t in ["head_tuning": ["candidates": t.candidates, "trimmed_mean_step_ms": t.scores.map { 1000 * $0 }, "chosen": t.fraction,
+                                                         "steps_measured": t.measured, "steps_after_warmup": tuningSteps, "step_ms": t.stepsByCandidate.map { $0.map { 1000 * $0 } }] as [String: Any]] } ?? [:]) { a, _ in a }
+                .merging(interleaved.map { ["interleaved": $0.json(syncedImagesPerSecond: images / elapsed, k: interleave!)] } ?? [:]) { a, _ in a }
                 let d = try JSONSerialization.data(withJSONObject: result, options: [.prettyPrinted, .sortedKeys])
                 try writeAtomically(d, to: json)
             }

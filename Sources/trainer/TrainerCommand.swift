@@ -129,7 +129,7 @@ struct ShareOptions: ParsableArguments {
     @Flag(help: "Size each replica's share of the batch to its measured speed (parallel.balance).") var balance = false
     @Flag(help: "Replicas claim the batch's samples from a pool they share as they go (parallel.dynamic, one machine).") var dynamic = false
     @Option(help: "With --dynamic, the largest chunk a replica claims after its first (parallel.chunk).") var chunk: Int?
-    @Option(help: "With --dynamic, the fraction of its speed-balanced share a replica's first claim of a step takes, in (0, 1] (parallel.head; default 0.375, 0.75 with batch norm).") var head: Double?
+    @Option(help: ArgumentHelp("With --dynamic, the fraction of its speed-balanced share a replica's first claim of a step takes, in (0, 1], or auto: the fastest of \(ParallelConfig.headCandidates.map { String(format: "%g", $0) }.joined(separator: ", ")) over the first full batches (parallel.head; default 0.375, 0.75 with batch norm).", valueName: "fraction|auto")) var head: String?
 
     func apply(to c: inout TrainConfig) throws {
         if balance { c.parallel.balance = true }
@@ -139,8 +139,14 @@ struct ShareOptions: ParsableArguments {
             c.parallel.chunk = chunk
         }
         if let head {
-            guard head > 0 && head <= 1 else { throw ValidationError("--head must be a fraction in (0, 1], got \(head)") }
-            c.parallel.head = head
+            if head == "auto" {
+                c.parallel.headAuto = true
+                c.parallel.head = 0
+            } else {
+                guard let h = Double(head), h > 0 && h <= 1 else { throw ValidationError("--head must be a fraction in (0, 1] or auto, got \(head)") }
+                c.parallel.head = h
+                c.parallel.headAuto = false
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 import Foundation
 import Testing
 @testable import TandemCore
+import TandemTrain
 
 let trainerBinary = packageRoot + "/.build/release/trainer"
 let hasTrainer = FileManager.default.isExecutableFile(atPath: trainerBinary)
@@ -159,6 +160,26 @@ struct MPITests {
             #expect(bad.status != 0 && bad.seconds < 10, "\(args): status \(bad.status), \(bad.seconds) s")
             #expect((bad.error + bad.output).contains(fragment), "\(args): \(bad.error)")
         }
+    }
+
+    @Test func benchTunesTheHeadsInItsWarmUp() throws {
+        // --head auto: the tuning runs on after the warm-up until it ends, and the timed steps run
+        // at its choice; JSON head_tuning holds every candidate's score and steps.
+        let json = temporaryFolder() + "/bench.json"
+        let r = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--batch-size", "32", "--warmup", "5", "--steps", "5", "--dynamic", "--head", "auto", "--json", json])
+        #expect(r.status == 0, "\(r.error)")
+        #expect(r.output.contains("parallel.head auto: heads of "), "\(r.output)")
+        let o = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any])
+        let t = try #require(o["head_tuning"] as? [String: Any], "\(o)")
+        let candidates = try #require(t["candidates"] as? [Double]), scores = try #require(t["trimmed_mean_step_ms"] as? [Double])
+        let chosen = try #require(t["chosen"] as? Double), steps = try #require(t["step_ms"] as? [[Double]])
+        #expect(candidates == ParallelConfig.headCandidates && scores.count == candidates.count && scores.allSatisfy { $0 > 0 })
+        #expect(candidates.contains(chosen) && o["head_fraction"] as? Double == chosen)
+        // 20 rounds of 5 steps each, unless 30 s passed first; the tuning started in the warm-up's third step.
+        #expect(steps.allSatisfy { $0.count == steps[0].count && $0.count % 5 == 0 && $0.count >= 15 } && t["steps_measured"] as? Int == steps.count * steps[0].count)
+        #expect(t["steps_after_warmup"] as? Int == steps.count * steps[0].count - 3, "\(t)")
+        let bad = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--steps", "2", "--dynamic", "--head", "often"], timeout: 30)
+        #expect(bad.status != 0 && (bad.error + bad.output).contains("--head must be a fraction in (0, 1] or auto, got often"), "\(bad.error)")
     }
 
     @Test func benchRunsKernelsWithAVX2WhereOpenBLASPickedOlderOnes() throws {

@@ -116,9 +116,15 @@ public final class Trainer {
     /// parallel.dynamic: the head (the most samples of a rank's first claim of a step) at even shares
     /// (`ParallelConfig.headChunk`); each replica's head of a full global batch, `headFraction` of
     /// its share as `parallel.balance` would size it from the replicas' measured speeds (even until
-    /// they are measured); and the samples no head takes (the batch less every head).
-    public let headFraction: Double
-    public let headChunk: Int
+    /// they are measured); and the samples no head takes (the batch less every head). With
+    /// `parallel.head: auto` the fraction is the tuner's current candidate, then its choice.
+    public private(set) var headFraction: Double
+    public private(set) var headChunk: Int
+    /// parallel.dynamic with `parallel.head: auto`: the tuning of the head fraction (nil otherwise).
+    public let headTuner: HeadTuner?
+    /// parallel.head auto: when this rank last had the step's sums (the tuner's step times run from
+    /// one to the next; 0 after anything but a step, such as an evaluation).
+    private var cycleMark = 0.0
     private let headOf: UnsafeMutablePointer<Int>
     private var headReserve = 0
     /// parallel.dynamic: the most chunks one rank can take of a full global batch (all of them).
@@ -168,8 +174,12 @@ public final class Trainer {
             bounds.min = max(bounds.min, min(bounds.max, 8))
         }
         chunkBounds = bounds
-        headFraction = config.parallel.headFraction(batchNorm: hasBatchNorm)
+        headTuner = dynamic && config.parallel.headAuto ? HeadTuner(candidates: ParallelConfig.headCandidates) : nil
+        headFraction = headTuner?.fraction ?? config.parallel.headFraction(batchNorm: hasBatchNorm)
         headChunk = max(ParallelConfig.headChunk(batch: config.batchSize, replicas: replicas, fraction: headFraction), bounds.min)
+        // The network holds the largest head any candidate gives.
+        let largestFraction = headTuner?.candidates.max() ?? headFraction
+        let largestHeadChunk = max(ParallelConfig.headChunk(batch: config.batchSize, replicas: replicas, fraction: largestFraction), bounds.min)
         var counter: UInt64 = 0, first = 0, chunks = 0
         if dynamic {
             // One rank claiming the whole batch in chunks, without a head (more chunks than with any).
@@ -178,7 +188,7 @@ public final class Trainer {
         chunksPerBatch = max(1, chunks)
         samplesTaken = .allocate(capacity: replicas)
         samplesTaken.initialize(repeating: 0, count: replicas)
-        stepStatistics = .allocate(capacity: 6 + 3 * replicas)
+        stepStatistics = .allocate(capacity: Self.statisticsSlots(replicas: replicas))
         towerBad = .allocate(capacity: max(1, towerComm?.size ?? 1))
         perSample = .allocate(capacity: replicas)
         perSample.initialize(repeating: 0, count: replicas)
@@ -190,9 +200,9 @@ public final class Trainer {
         // With the sharded update also the parameters and the SGD velocity live in memory the
         // replicas share.
         sync = try GradientSync(comm: replicaComm, graph: graph, mode: options.gradientMode, bucketBytes: options.bucketKB * 1024, transport: options.transport,
-                                sharded: options.shardedUpdate, scalars: 6 + 3 * replicas)
+                                sharded: options.shardedUpdate, scalars: Self.statisticsSlots(replicas: replicas))
         // A claim that would leave fewer than the smallest chunk takes the rest too.
-        let capacity = dynamic ? min(config.batchSize, max(ParallelConfig.head(ofShare: Self.balancedCapacity(batch: config.batchSize, replicas: replicas), fraction: headFraction), headChunk, chunkBounds.max) + chunkBounds.min - 1) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
+        let capacity = dynamic ? min(config.batchSize, max(ParallelConfig.head(ofShare: Self.balancedCapacity(batch: config.batchSize, replicas: replicas), fraction: largestFraction), largestHeadChunk, chunkBounds.max) + chunkBounds.min - 1) : balancing ? Self.balancedCapacity(batch: config.batchSize, replicas: replicas) : config.batchSize / replicas
         net = Network(graph: graph, capacity: capacity, parts: threads, loss: config.loss, exchange: exchange,
                       gradients: sync.gradients.baseAddress!, parameters: sync.sharedParameters, gradientsOwner: sync)
         net.seed = config.seed
@@ -205,7 +215,8 @@ public final class Trainer {
             fputs("tandem: parallel.balance with batch norm and without parallel.sync_bn: each replica normalises over a share whose size follows the ranks' timing, so runs differ from one another and from one process; set sync_bn: true for the same statistics as one process\n", stderr)
         }
         if dynamic && hasBatchNorm && comm.rank == 0 && !options.quiet {
-            fputs("tandem: parallel.dynamic with batch norm: each chunk (a head of \(headFraction) of the replica's speed-balanced share, \(headChunk) samples at even shares, then \(chunkBounds.min) to \(chunkBounds.max)) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
+            let heads = headTuner == nil ? "a head of \(headFraction) of the replica's speed-balanced share, \(headChunk) samples at even shares" : "a head of the fraction of the replica's speed-balanced share that parallel.head auto picks"
+            fputs("tandem: parallel.dynamic with batch norm: each chunk (\(heads), then \(chunkBounds.min) to \(chunkBounds.max)) is normalised over its own samples (ghost batches) and moves the running averages once, so runs differ from one another and from one process\n", stderr)
         }
         net.observer = sync
         if config.parallel.syncBN && replicas > 1 {
@@ -251,6 +262,13 @@ public final class Trainer {
         }
         loadGlobal(statistics, into: net.statistics, tensors: \.statistics)
         if dynamic { setHeads() }
+    }
+
+    /// parallel.head auto, once tuned: the choice and every candidate's median step, one line.
+    public var headTuningSummary: String? {
+        guard let tuner = headTuner, let chosen = tuner.chosen else { return nil }
+        let tried = zip(tuner.candidates, tuner.scores).map { String(format: "%g: %.3f ms", $0, 1000 * $1) }.joined(separator: ", ")
+        return "parallel.head auto: heads of \(tuner.candidates[chosen]) of each replica's share (each candidate's mean step without its fastest and slowest tenth, over \(tuner.measured) steps, \(tuner.blockSteps) at a time in turn: \(tried))"
     }
 
     /// parallel.dynamic: each replica's head of a full global batch from the share cuts, `headFraction`
@@ -300,7 +318,7 @@ public final class Trainer {
         if config.parallel.chunk > 0 && !config.parallel.dynamic {
             throw ConfigError("\(config.source): parallel.chunk sizes the chunks of parallel.dynamic, which is off: set parallel.dynamic: true (or --dynamic), or drop parallel.chunk")
         }
-        if config.parallel.head > 0 && !config.parallel.dynamic {
+        if (config.parallel.head > 0 || config.parallel.headAuto) && !config.parallel.dynamic {
             throw ConfigError("\(config.source): parallel.head sizes the heads of parallel.dynamic, which is off: set parallel.dynamic: true (or --dynamic), or drop parallel.head")
         }
         if config.parallel.dynamic {
@@ -352,7 +370,8 @@ public final class Trainer {
         // ranks meet, not what is trained (so that `--balance` and `--dynamic` are not in the hash
         // that checkpoints carry): compared here on their own.
         var mine: [Int64] = [Int64(bitPattern: config.hash), Int64(config.batchSize), Int64(bitPattern: config.seed), config.parallel.balance ? 1 : 0,
-                             config.parallel.dynamic ? 1 : 0, Int64(config.parallel.chunk), Int64(bitPattern: config.parallel.head.bitPattern)]
+                             config.parallel.dynamic ? 1 : 0, Int64(config.parallel.chunk), Int64(bitPattern: config.parallel.head.bitPattern),
+                             config.parallel.headAuto ? 1 : 0]
         let k = mine.count
         var all = [Int64](repeating: 0, count: k * comm.size)
         try mine.withUnsafeMutableBytes { m in
@@ -428,6 +447,11 @@ public final class Trainer {
     /// (`trainer bench-lockstep`'s model, 4 LeNet-5 pairs) kept 93.2-95.7% of the pair at 0.1,
     /// 94.7-96.6% at 0.3 and 94.8-96.8% at 0.5; 0.3 leaves a little smoothing for the noise.
     public static let balanceSmoothing = 0.3
+
+    /// The per-step sum's slots: loss, correct, the collective fingerprints, then per replica its
+    /// speed (balance) or its samples and speed (dynamic), its first bad gradient (sharded update),
+    /// and the head tuner's step time.
+    static func statisticsSlots(replicas: Int) -> Int { 7 + 3 * replicas }
 
     /// The most samples a replica takes with `parallel.balance`: 1.5x the even share, rounded up, and
     /// one for rounding.
@@ -549,8 +573,12 @@ public final class Trainer {
             // With balance, each replica's seconds per sample rides along (zero in the others' slots);
             // with dynamic shares, the samples each took and then (for a full batch) its seconds per
             // sample, which size the next step's heads.
-            let count = badSlot + (sharded ? replicas : 0)
+            // parallel.head auto: this rank's seconds since it last had the sums (the same steps are
+            // tuned on every rank: whether the tuning is over follows from the sums).
+            let tuning = headTuner.map { !$0.done } ?? false
+            let count = badSlot + (sharded ? replicas : 0) + (tuning ? 1 : 0)
             if count > 6 { (stats + 6).update(repeating: 0, count: count - 6) }
+            if tuning && m == config.batchSize && cycleMark > 0 && balancedSteps >= 2 { stats[count - 1] = Clock.now - cycleMark }
             if balancing && taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
             if dynamic {
                 stats[6 + replica] = Double(taken)
@@ -558,7 +586,18 @@ public final class Trainer {
             }
             if sharded { stats[badSlot + replica] = Double((bad ?? -1) + 1) }
             try monitor.watch(.loss, step: step, count: count) { try sync.sumScalars(stats, count: count) }
+            cycleMark = Clock.now
             if !CollectiveMonitor.slotsAgree(stats + 2, ranks: replicas) { try reportDivergence(step: step) }
+            if tuning, let tuner = headTuner, stats[count - 1] > 0 {
+                // Every rank's step, averaged: the same on every rank, and so the same choice.
+                tuner.record(stats[count - 1] / Double(replicas))
+                if tuner.fraction != headFraction {
+                    headFraction = tuner.fraction
+                    headChunk = max(ParallelConfig.headChunk(batch: config.batchSize, replicas: replicas, fraction: headFraction), chunkBounds.min)
+                    setHeads()
+                }
+                if tuner.done && isRoot && !options.quiet { fputs("tandem: \(headTuningSummary!)\n", stderr) }
+            }
             if dynamic && m == config.batchSize {
                 for q in 0..<replicas { samplesTaken[q] += stats[6 + q] }
                 dynamicSteps += 1
@@ -733,6 +772,7 @@ public final class Trainer {
 
     /// Test loss and accuracy: the test set is sharded over the ranks and the sums reduced.
     public func evaluate() throws -> (loss: Double, accuracy: Double) {
+        cycleMark = 0
         let n = data.test.count
         let mine = (n * replica / replicas)..<(n * (replica + 1) / replicas)
         let evaluateStart = Clock.now
@@ -877,10 +917,11 @@ public final class Trainer {
                                  images_per_second: Double(samplesDone) / max(trainSeconds, 1e-9),
                                  train_seconds: trainSeconds, wall_seconds: Clock.now - wallStart, world_size: comm.size, threads: threads,
                                  batch_size: config.batchSize, param_norm: try parameterNorm(), parameters: plan.global.parameterCount, seed: config.seed,
-                                 seconds_to_90: secondsTo90, shares: balancing || dynamic ? shares : nil)
+                                 seconds_to_90: secondsTo90, shares: balancing || dynamic ? shares : nil,
+                                 head_fraction: dynamic ? headFraction : nil)
         if isRoot {
             if balancing { say("tandem: balance: the replicas' shares of the batch at the end " + shares.map(String.init).joined(separator: ", ")) }
-            if dynamic { say("tandem: dynamic: the samples each replica took per step, on average " + shares.map(String.init).joined(separator: ", ")) }
+            if dynamic { say("tandem: dynamic: the samples each replica took per step, on average " + shares.map(String.init).joined(separator: ", ") + ", with heads of \(headFraction)" + (headTuner.map { $0.done ? " (parallel.head auto)" : " (parallel.head auto, still tuning: \($0.measured) of \($0.rounds * $0.stepsPerRound) steps measured)" } ?? "")) }
             try summary.write(to: out + "/summary.json")
             if let extra = options.summaryJSON { try summary.write(to: extra) }
             if let metrics { try writeCurves(metrics.rows, to: out + "/curves.svg", epochs: summary.epochs) }
@@ -950,6 +991,7 @@ public final class Trainer {
     /// Checks on every rank that the weights and optimiser state are finite, then (rank 0) writes
     /// the checkpoint of `state` and deletes old ones. Returns the file written (rank 0).
     func saveCheckpoint(_ state: RunState) throws -> String? {
+        cycleMark = 0
         try checkFinite(step: state.step)
         // The whole model, whatever the layout: towers put their slices together first.
         let (parameters, velocity, statistics) = try monitor.watch(.checkpoint, step: state.step, count: towerComm == nil ? 0 : net.parameters.count) {

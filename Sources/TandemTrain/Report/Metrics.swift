@@ -85,6 +85,9 @@ public struct RunSummary: Codable, Sendable {
     public var seconds_to_90: Double?
     /// With parallel.balance: each replica's share of a full global batch at the end.
     public var shares: [Int]? = nil
+    /// With parallel.dynamic: the head fraction the steps ran with at the end (parallel.head auto's
+    /// choice, once tuned).
+    public var head_fraction: Double? = nil
 
     public func write(to path: String) throws {
         let enc = JSONEncoder()
