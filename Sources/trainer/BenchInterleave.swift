@@ -41,6 +41,7 @@ func apartTrainer(config c: TrainConfig, synced: Trainer, worldSize: Int, data: 
     a.parallel.balance = false
     a.parallel.dynamic = false
     a.parallel.head = 0
+    a.parallel.headAuto = false
     a.parallel.chunk = 0
     a.parallel.syncBN = false
     a.parallel.threads = synced.threads

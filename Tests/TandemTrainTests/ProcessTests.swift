@@ -164,9 +164,11 @@ struct MPITests {
 
     @Test func benchTunesTheHeadsInItsWarmUp() throws {
         // --head auto: the tuning runs on after the warm-up until it ends, and the timed steps run
-        // at its choice; JSON head_tuning holds every candidate's score and steps.
+        // at its choice; JSON head_tuning holds every candidate's score and steps. Interleaved too
+        // (the trainer apart has no heads to tune).
         let json = temporaryFolder() + "/bench.json"
-        let r = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--batch-size", "32", "--warmup", "5", "--steps", "5", "--dynamic", "--head", "auto", "--json", json])
+        let r = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--batch-size", "32", "--warmup", "5", "--steps", "6", "--dynamic", "--head", "auto",
+                               "--interleave", "3", "--json", json])
         #expect(r.status == 0, "\(r.error)")
         #expect(r.output.contains("parallel.head auto: heads of "), "\(r.output)")
         let o = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any])
@@ -174,7 +176,7 @@ struct MPITests {
         let candidates = try #require(t["candidates"] as? [Double]), scores = try #require(t["trimmed_mean_step_ms"] as? [Double])
         let chosen = try #require(t["chosen"] as? Double), steps = try #require(t["step_ms"] as? [[Double]])
         #expect(candidates == ParallelConfig.headCandidates && scores.count == candidates.count && scores.allSatisfy { $0 > 0 })
-        #expect(candidates.contains(chosen) && o["head_fraction"] as? Double == chosen)
+        #expect(candidates.contains(chosen) && o["head_fraction"] as? Double == chosen && o["interleaved"] is [String: Any])
         // 20 rounds of 5 steps each, unless 30 s passed first; the tuning started in the warm-up's third step.
         #expect(steps.allSatisfy { $0.count == steps[0].count && $0.count % 5 == 0 && $0.count >= 15 } && t["steps_measured"] as? Int == steps.count * steps[0].count)
         #expect(t["steps_after_warmup"] as? Int == steps.count * steps[0].count - 3, "\(t)")
