@@ -9,8 +9,8 @@
 // scored by the mean of its steps without the fastest and slowest tenth (the host slows a few
 // steps at a time by a third or more; the trimmed mean keeps what a head does to the common steps).
 // On a machine where the heads differ by less than the steps' noise (LeNet-5 on two Zen 4 vCPUs:
-// 300 steps of each of the six, six times over, put them within 1-3% of one another, and each
-// run ranked them differently) the choice is a coin toss that costs little either way.
+// 300 steps of each of the six, six times over, put them within 2-6% of one another, the default
+// 3/8 first in 4 of the 6) the choice is close to a coin toss, and costs little either way.
 /// Tries each head fraction for `blockSteps` full batches in turn, for `rounds` rounds (round r
 /// starts at candidate r mod the count), or fewer once `maxSeconds` of measured steps have passed
 /// after at least `minRounds`; then keeps the candidate with the smallest trimmed mean step time
