@@ -125,6 +125,8 @@ public final class Trainer {
     /// parallel.head auto: when this rank last had the step's sums (the tuner's step times run from
     /// one to the next; 0 after anything but a step, such as an evaluation).
     private var cycleMark = 0.0
+    /// Whether the head tuner still measures (read every step without touching the tuner).
+    private var tuningHeads = false
     private let headOf: UnsafeMutablePointer<Int>
     private var headReserve = 0
     /// parallel.dynamic: the most chunks one rank can take of a full global batch (all of them).
@@ -176,6 +178,7 @@ public final class Trainer {
         chunkBounds = bounds
         headTuner = dynamic && config.parallel.headAuto ? HeadTuner(candidates: ParallelConfig.headCandidates) : nil
         headFraction = headTuner?.fraction ?? config.parallel.headFraction(batchNorm: hasBatchNorm)
+        tuningHeads = headTuner != nil
         headChunk = max(ParallelConfig.headChunk(batch: config.batchSize, replicas: replicas, fraction: headFraction), bounds.min)
         // The network holds the largest head any candidate gives.
         let largestFraction = headTuner?.candidates.max() ?? headFraction
@@ -264,7 +267,7 @@ public final class Trainer {
         if dynamic { setHeads() }
     }
 
-    /// parallel.head auto, once tuned: the choice and every candidate's median step, one line.
+    /// parallel.head auto, once tuned: the choice and every candidate's score, one line.
     public var headTuningSummary: String? {
         guard let tuner = headTuner, let chosen = tuner.chosen else { return nil }
         let tried = zip(tuner.candidates, tuner.scores).map { String(format: "%g: %.3f ms", $0, 1000 * $1) }.joined(separator: ", ")
@@ -575,7 +578,7 @@ public final class Trainer {
             // sample, which size the next step's heads.
             // parallel.head auto: this rank's seconds since it last had the sums (the same steps are
             // tuned on every rank: whether the tuning is over follows from the sums).
-            let tuning = headTuner.map { !$0.done } ?? false
+            let tuning = tuningHeads
             let count = badSlot + (sharded ? replicas : 0) + (tuning ? 1 : 0)
             if count > 6 { (stats + 6).update(repeating: 0, count: count - 6) }
             if tuning && m == config.batchSize && cycleMark > 0 && balancedSteps >= 2 { stats[count - 1] = Clock.now - cycleMark }
@@ -596,7 +599,7 @@ public final class Trainer {
                     headChunk = max(ParallelConfig.headChunk(batch: config.batchSize, replicas: replicas, fraction: headFraction), chunkBounds.min)
                     setHeads()
                 }
-                if tuner.done && isRoot && !options.quiet { fputs("tandem: \(headTuningSummary!)\n", stderr) }
+                if tuner.done { tuningHeads = false }
             }
             if dynamic && m == config.batchSize {
                 for q in 0..<replicas { samplesTaken[q] += stats[6 + q] }
@@ -852,8 +855,10 @@ public final class Trainer {
                 let m = min(config.batchSize, data.train.count - pos)
                 let lr = schedule.rate(at: step + lrOffset)
                 let t0 = Clock.now
+                let tuning = tuningHeads
                 let r = try self.step(epoch: epoch, start: pos, globalCount: m, step: step, lr: lr)
                 let dt = Clock.now - t0
+                if tuning && !tuningHeads, let summary = headTuningSummary { say("tandem: " + summary) }
                 trainSeconds += dt
                 windowTrain += dt
                 pos += m
