@@ -10,6 +10,18 @@ import TandemComm
 import TandemCore
 @testable import TandemTrain
 
+/// A model whose compute takes microseconds per sample even in a debug build on a loaded machine, with
+/// parallel.dynamic (batch 32).
+let tinyDynamicYAML = """
+model:
+  layers:
+    - {name: flatten, type: flatten}
+    - {name: fc, type: linear, out: 10}
+train: {batch_size: 32, seed: 3}
+optimizer: {lr: 0.05, momentum: 0.9}
+parallel: {dynamic: true}
+"""
+
 @Suite struct DynamicTests {
     /// Claims of one step, one rank after the other in `order` (rank indices, repeated), until the
     /// pool is empty: [(rank, first, size)]. With heads (one for every rank, or `head` for all), each
@@ -221,18 +233,9 @@ import TandemCore
         // A model whose compute takes microseconds per sample even in a debug build on a loaded
         // machine, so that rank 1, slowed by 50 ms per sample, measures by far the slower: rank 0
         // would need a stall of 150 ms in its 9-sample head to come near a third of its speed.
-        let tiny = """
-        model:
-          layers:
-            - {name: flatten, type: flatten}
-            - {name: fc, type: linear, out: 10}
-        train: {batch_size: 32, seed: 3}
-        optimizer: {lr: 0.05, momentum: 0.9}
-        parallel: {dynamic: true}
-        """
         final class Box: @unchecked Sendable { var heads: [[Int]] = [[], []]; var shares: [Int] = [] }
         let box = Box()
-        _ = try trainInProcess(try config(tiny), ranks: 2, steps: 6,
+        _ = try trainInProcess(try config(tinyDynamicYAML), ranks: 2, steps: 6,
                                prepare: { t in t.hooks.slowRank = 1; t.hooks.slowMicrosPerSample = 50_000 },
                                finished: { t in box.heads[t.comm.rank] = t.heads; if t.comm.rank == 0 { box.shares = t.shares } },
                                data: syntheticData)

@@ -50,16 +50,7 @@ struct HeadTunerTests {
     @Test func theTrainerTunesTheSameHeadsOnEveryRank() throws {
         // A model of microseconds per step, so that the tuning's rounds (6 candidates x 5 steps x
         // 20 rounds, from the third step on) run in seconds in a debug build.
-        let tiny = """
-        model:
-          layers:
-            - {name: flatten, type: flatten}
-            - {name: fc, type: linear, out: 10}
-        train: {batch_size: 32, seed: 3}
-        optimizer: {lr: 0.05, momentum: 0.9}
-        parallel: {dynamic: true, head: auto}
-        """
-        let c = try config(tiny)
+        let c = try config(tinyDynamicYAML.replacingOccurrences(of: "parallel: {dynamic: true}", with: "parallel: {dynamic: true, head: auto}"))
         #expect(c.parallel.headAuto && c.parallel.head == 0)
         let steps = 2 + ParallelConfig.headCandidates.count * 5 * 20 + 3
         final class Box: @unchecked Sendable { var chosen: [Double?] = [nil, nil]; var fractions: [Double] = [0, 0]; var heads: [[Int]] = [[], []]; var scores: [[Double]] = [[], []] }
