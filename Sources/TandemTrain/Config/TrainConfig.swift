@@ -75,10 +75,8 @@ public struct ParallelConfig: Sendable, Equatable {
     /// parallel.dynamic with `head: auto`: the trainer tries each of `headCandidates` in turn over
     /// the first full batches (`HeadTuner`) and keeps the one whose steps ran fastest.
     public var headAuto: Bool = false
-    /// The head fractions `head: auto` tries: the best one differs from machine to machine (LeNet-5 at
-    /// batch 128 on two ranks: 3/8 ahead of 3/4 and 9/10 by 4-5% on two AMD Zen 4 machines, 9/10
-    /// ahead of 3/8 by 4% on an Intel Xeon) and from model to model (large fully connected layers,
-    /// which every chunk reads again, want large heads).
+    /// The head fractions `head: auto` tries: the best one differs from machine to machine and from
+    /// model to model (see `HeadTuner`).
     public static let headCandidates: [Double] = [0.25, 0.375, 0.5, 0.75, 0.9, 1.0]
 
     /// parallel.dynamic's head fraction: `head` when set, else 3/8 of the share, or 3/4 with batch norm.

@@ -2,9 +2,10 @@
 // own first full batches.
 //
 // Why measured: the best head differs from machine to machine and from model to model (LeNet-5 at
-// batch 128 on two ranks, interleaved against the ranks apart: heads of 3/8 ahead of 9/10 by 4.7
-// points on an AMD Zen 4, 9/10 ahead of 3/8 by 4 on an Intel Xeon), and no model of the chunks'
-// cost predicted it. Why interleaved: the host's speed drifts over seconds by more than the heads
+// batch 128 on two ranks, alternating runs: heads of 3/8 ahead of 3/4 by 4.4% on an AMD Zen 4 in
+// session 12, 9/10 ahead of 3/8 by 2.4 points of the ranks apart on an Intel Xeon in session 15;
+// the small AlexNet, whose large fully connected layers every chunk reads again, wants large
+// heads), and no model of the chunks' cost predicted it. Why interleaved: the host's speed drifts over seconds by more than the heads
 // differ, so the candidates take turns in short blocks, each round in another order, and each is
 // scored by the mean of its steps without the fastest and slowest tenth (the host slows a few
 // steps at a time by a third or more; the trimmed mean keeps what a head does to the common steps).
@@ -14,8 +15,8 @@
 /// Tries each head fraction for `blockSteps` full batches in turn, for `rounds` rounds (round r
 /// starts at candidate r mod the count), or fewer once `maxSeconds` of measured steps have passed
 /// after at least `minRounds`; then keeps the candidate with the smallest trimmed mean step time
-/// (`score`; the first of equals). Fed the same step times on every rank (summed over the ranks), every rank
-/// chooses the same. Stores its samples in a buffer allocated once.
+/// (`score`; the first of equals). Fed the same step times on every rank (the trainer's are averaged
+/// over the ranks), every rank chooses the same. Stores its samples in a buffer allocated once.
 public final class HeadTuner {
     public let candidates: [Double]
     public let blockSteps: Int
@@ -49,10 +50,12 @@ public final class HeadTuner {
     public var stepsPerRound: Int { candidates.count * blockSteps }
 
     /// The candidate the next measured step runs with (the chosen one once done).
-    public var current: Int {
-        if let chosen { return chosen }
-        let round = measured / stepsPerRound
-        return (measured / blockSteps % candidates.count + round) % candidates.count
+    public var current: Int { chosen ?? candidate(ofStep: measured) }
+
+    /// The candidate measured step i (from 0) runs with: blocks of `blockSteps` in turn, round r
+    /// starting at candidate r.
+    private func candidate(ofStep i: Int) -> Int {
+        (i / blockSteps % candidates.count + i / stepsPerRound) % candidates.count
     }
 
     /// The fraction the next step runs with.
@@ -66,7 +69,7 @@ public final class HeadTuner {
         seconds += stepSeconds
         guard measured % stepsPerRound == 0 else { return }
         let round = measured / stepsPerRound
-        if round >= rounds || (round >= minRounds && seconds >= maxSeconds) { choose(rounds: round) }
+        if round >= rounds || (round >= minRounds && seconds >= maxSeconds) { choose() }
     }
 
     /// The mean of `times` without its fastest and slowest tenth (rounded down).
@@ -80,21 +83,15 @@ public final class HeadTuner {
 
     /// Each candidate's measured step times, in the order they ran.
     public var stepsByCandidate: [[Double]] {
-        let c = candidates.count
-        var own = [[Double]](repeating: [], count: c)
-        for i in 0..<measured {
-            let round = i / stepsPerRound
-            own[(i / blockSteps % c + round) % c].append(samples[i])
-        }
+        var own = [[Double]](repeating: [], count: candidates.count)
+        for i in 0..<measured { own[candidate(ofStep: i)].append(samples[i]) }
         return own
     }
 
-    private func choose(rounds done: Int) {
-        let c = candidates.count
-        let own = stepsByCandidate
-        scores = own.map(Self.score)
+    private func choose() {
+        scores = stepsByCandidate.map(Self.score)
         var best = 0
-        for k in 1..<c where scores[k] < scores[best] { best = k }
+        for k in scores.indices where scores[k] < scores[best] { best = k }
         chosen = best
     }
 }
