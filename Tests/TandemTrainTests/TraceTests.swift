@@ -68,24 +68,28 @@ import TandemCore
     }
 
     @Test func scalingReportSpeedups() throws {
-        func bench(_ model: String, _ layout: String, _ mode: String, np: Int, ips: Double, over: Bool = false) throws -> ScalingRow {
+        func bench(_ model: String, _ layout: String, _ mode: String, np: Int, ips: Double, over: Bool = false, apart: Double? = nil) throws -> ScalingRow {
             try ScalingRow(bench: ["images_per_second": ips, "world_size": np, "batch_size": mode == "weak" ? 64 * np : 64, "ms_per_step": 10.0,
                                    "phases_ms": ["allreduce_wait": 2.5], "oversubscribed": over,
-                                   "tags": ["model": model, "layout": layout, "mode": mode]])
+                                   "tags": ["model": model, "layout": layout, "mode": mode]]
+                           .merging(apart.map { ["interleaved": ["synced_over_apart": $0]] } ?? [:]) { a, _ in a })
         }
         var rows = [try bench("lenet5", "data parallel", "strong", np: 1, ips: 1000), try bench("lenet5", "data parallel", "strong", np: 2, ips: 1800),
                     try bench("lenet5", "data parallel", "weak", np: 1, ips: 900), try bench("lenet5", "data parallel", "weak", np: 4, ips: 1800, over: true),
                     try bench("alexnet", "2 towers", "strong", np: 2, ips: 50),
                     try bench("lenet5", "data parallel, balanced", "strong", np: 2, ips: 1900),
-                    try bench("lenet5", "data parallel, dynamic", "strong", np: 2, ips: 1950)]
+                    try bench("lenet5", "data parallel, dynamic", "strong", np: 2, ips: 1950),
+                    try bench("lenet5", "data parallel, dynamic", "weak", np: 2, ips: 1700, apart: 0.953)]
         ScalingReport.computeSpeedups(&rows)
         #expect(abs(rows[1].speedup - 1.8) < 1e-12 && abs(rows[1].efficiency - 0.9) < 1e-12)
         #expect(abs(rows[3].speedup - 2) < 1e-12 && abs(rows[3].efficiency - 0.5) < 1e-12)
         #expect(rows[4].speedup.isNaN, "no one-rank row for alexnet")
         #expect(rows[1].allreduceWaitPercent == 25)
         let table = ScalingReport.markdown(rows: rows, allreduce: [])
-        #expect(table.contains("| lenet5 | data parallel | 2 | strong | 64 | 1800 | 1.80 | 90% | 25.0 |  |"))
-        #expect(table.contains("| lenet5 | data parallel | 4 | weak | 256 | 1800 | 2.00 | 50% | 25.0 | oversubscribed |"))
+        #expect(table.contains("| lenet5 | data parallel | 2 | strong | 64 | 1800 | 1.80 | 90% | - | 25.0 |  |"))
+        #expect(table.contains("| lenet5 | data parallel | 4 | weak | 256 | 1800 | 2.00 | 50% | - | 25.0 | oversubscribed |"))
+        // An interleaved row: the job against its ranks apart, beside its speedup against the one-rank run.
+        #expect(table.contains("| lenet5 | data parallel, dynamic | 2 | weak | 128 | 1700 | 1.89 | 94% | 95.3% | 25.0 |  |"), "\(table)")
         let allreduce = try AllreduceResult(["world_size": 2, "memcpy_gbps": 10.0, "rows": [["bytes": 4096, "median_us": 5.0, "algbw_gbps": 0.8,
                                                                                             "busbw_gbps": 0.8, "ring_bound_us": 0.4]]])
         let svg = ScalingReport.svg(rows: rows, allreduce: [allreduce], cores: 2, title: "t")

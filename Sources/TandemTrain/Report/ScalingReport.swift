@@ -6,7 +6,9 @@
 // images/s(1). In strong scaling (fixed global batch) that is the usual T1/Tn; in weak scaling
 // (fixed per-rank batch, global batch 64 * np) it is the scaled speedup, np * T1/Tn. Efficiency is
 // speedup / np. Rows with more ranks than cores are marked oversubscribed: ranks then share cores,
-// so their speedup says how the job degrades, not how it scales.
+// so their speedup says how the job degrades, not how it scales. Rows run with `bench --interleave`
+// also give the job's images/s as a share of its own ranks training apart in the same seconds, which
+// the host's drift between separate runs does not move (the speedup compares runs seconds apart).
 import Foundation
 
 public struct ScalingRow {
@@ -16,6 +18,8 @@ public struct ScalingRow {
     public var msPerStep: Double, allreduceWaitMs: Double
     public var oversubscribed: Bool
     public var speedup = Double.nan, efficiency = Double.nan
+    /// With `bench --interleave`: the job's images/s over its ranks' own apart (`synced_over_apart`).
+    public var ofRanksApart = Double.nan
     /// The `trainer bench --json` object this row came from (with speedup and efficiency added).
     public var raw: [String: Any]
 
@@ -37,6 +41,7 @@ public struct ScalingRow {
         msPerStep = j["ms_per_step"] as? Double ?? Double(batch) / ips * 1000
         allreduceWaitMs = (j["phases_ms"] as? [String: Double])?["allreduce_wait"] ?? 0
         oversubscribed = j["oversubscribed"] as? Bool ?? false
+        ofRanksApart = (j["interleaved"] as? [String: Any])?["synced_over_apart"] as? Double ?? .nan
         raw = j
     }
 
@@ -86,12 +91,12 @@ public enum ScalingReport {
     public static func markdown(rows: [ScalingRow], allreduce: [AllreduceResult]) -> String {
         var s = ""
         if !rows.isEmpty {
-            s += "| model | layout | np | mode | global batch | images/s | speedup | efficiency | allreduce wait % | oversubscribed |\n"
-            s += "|---|---|---:|---|---:|---:|---:|---:|---:|---|\n"
+            s += "| model | layout | np | mode | global batch | images/s | speedup | efficiency | of ranks apart | allreduce wait % | oversubscribed |\n"
+            s += "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n"
         }
         for r in rows {
             s += "| \(r.model) | \(r.layout) | \(r.np) | \(r.mode) | \(r.globalBatch) | \(f(r.imagesPerSecond, "%.0f")) | \(f(r.speedup, "%.2f")) | "
-            s += "\(f(r.efficiency * 100, "%.0f%%")) | \(f(r.allreduceWaitPercent, "%.1f")) | \(r.oversubscribed ? "oversubscribed" : "") |\n"
+            s += "\(f(r.efficiency * 100, "%.0f%%")) | \(f(r.ofRanksApart * 100, "%.1f%%")) | \(f(r.allreduceWaitPercent, "%.1f")) | \(r.oversubscribed ? "oversubscribed" : "") |\n"
         }
         for a in allreduce {
             s += (s.isEmpty ? "" : "\n") + "Allreduce, \(a.worldSize) ranks\(a.oversubscribed ? " (oversubscribed)" : ""); memcpy \(f(a.memcpyGBps, "%.2f")) GB/s; "
