@@ -74,7 +74,19 @@ struct TrainerCommand: ParsableCommand {
             unsetenv("OPENBLAS_CORETYPE")
             unsetenv(BLAS.replacedCoreVariable)
         }
-        Self.main(nil)
+        // ArgumentParser's own main writes an error in pieces; under mpirun every rank writes it at
+        // once and the pieces of two ranks could interleave mid-line. Each message goes out in one
+        // write instead (a pipe keeps writes of up to 4 KB whole).
+        do {
+            var command = try parseAsRoot(nil)
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            var text = fullMessage(for: error)
+            if !text.isEmpty && !text.hasSuffix("\n") { text += "\n" }
+            text.withCString { _ = write(code == .success ? STDOUT_FILENO : STDERR_FILENO, $0, strlen($0)) }
+            Foundation.exit(code.rawValue)
+        }
     }
 }
 

@@ -160,6 +160,13 @@ struct MPITests {
             #expect(bad.status != 0 && bad.seconds < 10, "\(args): status \(bad.status), \(bad.seconds) s")
             #expect((bad.error + bad.output).contains(fragment), "\(args): \(bad.error)")
         }
+        // An option's error comes whole from every rank: each writes it at once, in one piece (in
+        // pieces, two ranks' lines came out mixed in 3 of 6 runs).
+        for _ in 0..<3 {
+            let bad = try mpirun(2, ["bench", "--config", try smallConfig(), "--synthetic", "--steps", "2", "--interleave", "0"], timeout: 30)
+            let whole = (bad.error + bad.output).split(separator: "\n").filter { $0 == "Error: --interleave must be positive, got 0" }
+            #expect(bad.status != 0 && whole.count == 2, "\(bad.error)")
+        }
     }
 
     @Test func benchTunesTheHeadsInItsWarmUp() throws {
