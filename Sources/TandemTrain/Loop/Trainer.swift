@@ -576,12 +576,14 @@ public final class Trainer {
             // With balance, each replica's seconds per sample rides along (zero in the others' slots);
             // with dynamic shares, the samples each took and then (for a full batch) its seconds per
             // sample, which size the next step's heads.
-            // parallel.head auto: this rank's seconds since it last had the sums (the same steps are
-            // tuned on every rank: whether the tuning is over follows from the sums).
+            // parallel.head auto: this rank's seconds since it last had the sums, from the second
+            // full step on (the same steps are tuned on every rank: whether the tuning is over follows
+            // from the sums). Not gated on the speeds being measured: a rank that never gets a chunk
+            // would then hold the tuning, and bench's warm-up that waits for it, for ever.
             let tuning = tuningHeads
             let count = badSlot + (sharded ? replicas : 0) + (tuning ? 1 : 0)
             if count > 6 { (stats + 6).update(repeating: 0, count: count - 6) }
-            if tuning && m == config.batchSize && cycleMark > 0 && balancedSteps >= 2 { stats[count - 1] = Clock.now - cycleMark }
+            if tuning && m == config.batchSize && cycleMark > 0 { stats[count - 1] = Clock.now - cycleMark }
             if balancing && taken > 0 && m == config.batchSize { stats[6 + replica] = computeSeconds / Double(taken) }
             if dynamic {
                 stats[6 + replica] = Double(taken)
